@@ -1,0 +1,28 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs. Tests pin the CPU build of torch (an unpinned torch
+# pulls a multi-GB CUDA build); the package itself accepts a range (pyproject.toml).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[torch,jax,onnx,plot,dev]" "$(TORCH_PIN)"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

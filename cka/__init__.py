@@ -1,0 +1,55 @@
+"""cka: Centered Kernel Alignment between neural network representations.
+
+Pure functions on numpy, torch and JAX arrays (``cka``, ``hsic_unbiased``, ``minibatch_cka``, ...),
+a streaming accumulator (``init_state / update_state / merge_states / finalize``), and frontends
+that compare whole models layer by layer (``CKA`` for PyTorch modules, ``cka.frontends.onnx``,
+``cka.frontends.jax``). ``import cka`` imports neither torch nor jax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cka.core import (
+    KERNELS,
+    BiasedCKAWarning,
+    CKANumericsWarning,
+    CKAState,
+    cka,
+    feature_space_linear_cka,
+    finalize,
+    gram,
+    hsic,
+    hsic_unbiased,
+    init_state,
+    linear_kernel,
+    merge_states,
+    minibatch_cka,
+    minibatch_cka_matrix,
+    rbf_kernel,
+    update_state,
+    update_state_from_grams,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KERNELS",
+    "BiasedCKAWarning",
+    "CKANumericsWarning",
+    "CKAState",
+    "cka",
+    "feature_space_linear_cka",
+    "finalize",
+    "gram",
+    "hsic",
+    "hsic_unbiased",
+    "init_state",
+    "linear_kernel",
+    "merge_states",
+    "minibatch_cka",
+    "minibatch_cka_matrix",
+    "rbf_kernel",
+    "update_state",
+    "update_state_from_grams",
+]

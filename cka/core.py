@@ -1,0 +1,879 @@
+r"""Pure CKA math on numpy, torch and JAX arrays.
+
+Vocabulary (STYLE.md): ``x, y`` are features of shape ``(n_samples, ...)``, flattened to
+``(n, d)``; ``gram_x, gram_y`` are ``(n, n)`` kernel matrices; ``hsic`` is the biased estimator of
+Gretton et al. (2005), ``hsic_unbiased`` the unbiased one of Song et al. (2012); minibatch CKA is
+Nguyen, Raghu & Kornblith (2021); full-batch linear and RBF CKA are Kornblith et al. (2019).
+
+Numerical decisions, each measured (DESIGN.md):
+
+* Features are centred per batch before the Gram. Every estimator here is exactly invariant to it
+  (``HSIC_1`` to ``K + a1^T + 1a^T + c11^T``, the biased one to ``HKH``), and it removes the large
+  common offset of post-ReLU activations that otherwise makes the HSIC terms cancel catastrophically.
+* The Gram product runs in the input dtype (raised to at least float32); the HSIC terms and every
+  accumulator are float64 on the input's device (float32 only where the framework has no float64:
+  JAX without ``jax_enable_x64``, torch on MPS).
+* All ``L1 x L2`` layer pairs of a batch come from one matrix product of flattened Grams
+  (DESIGN.md, "Making all layer pairs cheap"), never a Python loop over pairs or ``trace(K @ L)``.
+
+Only static properties (shapes, dtypes) are checked inside the ``_*`` implementation functions, so
+they trace under ``jax.jit``; value checks (NaN/Inf, constant layers) run in the public wrappers and
+only outside a trace.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from cka.backends import Backend, get_backend
+
+Array = Any
+
+__all__ = [
+    "KERNELS",
+    "BiasedCKAWarning",
+    "CKANumericsWarning",
+    "CKAState",
+    "cka",
+    "feature_space_linear_cka",
+    "finalize",
+    "gram",
+    "hsic",
+    "hsic_unbiased",
+    "init_state",
+    "linear_kernel",
+    "merge_states",
+    "minibatch_cka",
+    "minibatch_cka_matrix",
+    "rbf_kernel",
+    "update_state",
+    "update_state_from_grams",
+]
+
+KERNELS = ("linear", "rbf")
+
+#: A layer whose centred features hold less than this fraction of the raw features' energy
+#: (``||x - mean||^2 <= CONSTANT_TOLERANCE^2 * ||x||^2``) is treated as constant: its Gram is zeroed,
+#: so its CKA is NaN (0/0) instead of a number made of rounding residue.
+CONSTANT_ULPS = 16.0
+
+
+class BiasedCKAWarning(UserWarning):
+    """Biased CKA was asked for where it is misleading (more features than examples)."""
+
+
+class CKANumericsWarning(UserWarning):
+    """A CKA value is NaN (undefined) or outside [-1, 1] beyond rounding."""
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (boundary only)
+# --------------------------------------------------------------------------------------------
+
+
+def _backend_of(*arrays: Array, names: Sequence[str]) -> Backend:
+    """The common backend of ``arrays``; a clear error when array types or devices are mixed.
+
+    Mixed types are refused rather than converted: a silent numpy<->torch<->JAX conversion would
+    move data between devices and cut autograd graphs behind the caller's back.
+    """
+    backends = [get_backend(a) for a in arrays]
+    first = backends[0]
+    for name, a, b in zip(names, arrays, backends):
+        if b is not first:
+            raise TypeError(
+                f"{names[0]} is a {first.name} array but {name} is a {b.name} array; pass both as the "
+                f"same type, e.g. convert with torch.as_tensor(...), numpy.asarray(...) or jax.numpy.asarray(...)."
+            )
+        devices = (first.device(a), first.device(arrays[0]))
+        if None not in devices and devices[0] != devices[1]:
+            raise ValueError(
+                f"{names[0]} is on {devices[1]} but {name} is on {devices[0]}; "
+                f"move both to one device first (e.g. {name}.to({names[0]}.device))."
+            )
+    return first
+
+
+def _check_features(b: Backend, x: Array, name: str) -> None:
+    shape = b.shape(x)
+    if len(shape) == 0:
+        raise ValueError(f"{name} must have shape (n_samples, ...); got a scalar.")
+    if not b.is_tracing(x) and not b.all_finite(x):
+        raise ValueError(f"{name} contains NaN or Inf values (shape {shape}); check the model or data that produced it.")
+
+
+def _check_pair_n(b: Backend, x: Array, y: Array, names: tuple[str, str] = ("x", "y")) -> int:
+    nx, ny = b.shape(x)[0], b.shape(y)[0]
+    if nx != ny:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must hold the same examples in the same order, but "
+            f"{names[0]} has shape {b.shape(x)} ({nx} examples) and {names[1]} has shape {b.shape(y)} "
+            f"({ny} examples); pass features of the same batch for both."
+        )
+    return nx
+
+
+def _check_n(n: int, unbiased: bool, what: str = "the batch") -> None:
+    if unbiased and n < 4:
+        raise ValueError(
+            f"the unbiased HSIC estimator needs at least 4 examples, but {what} has {n}; "
+            f"use a larger batch or unbiased=False."
+        )
+    if n < 2:
+        raise ValueError(f"CKA needs at least 2 examples, but {what} has {n}.")
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; valid kernels: {', '.join(KERNELS)}.")
+
+
+def _check_grams(b: Backend, gram_x: Array, gram_y: Array) -> int:
+    for name, k in (("gram_x", gram_x), ("gram_y", gram_y)):
+        shape = b.shape(k)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError(f"{name} must be a square (n, n) kernel matrix; got shape {shape}.")
+    if b.shape(gram_x) != b.shape(gram_y):
+        raise ValueError(
+            f"gram_x and gram_y must be kernels over the same n examples; got shapes "
+            f"{b.shape(gram_x)} and {b.shape(gram_y)}."
+        )
+    for name, k in (("gram_x", gram_x), ("gram_y", gram_y)):
+        if not b.is_tracing(k) and not b.all_finite(k):
+            raise ValueError(f"{name} contains NaN or Inf values.")
+    return b.shape(gram_x)[0]
+
+
+def _warn_if_biased_misleading(unbiased: bool, n: int, dx: int, dy: int) -> None:
+    if not unbiased and max(dx, dy) > n:
+        warnings.warn(
+            f"biased CKA with more features than examples (n={n}, d={max(dx, dy)}) is biased towards 1: "
+            f"independent random features score near 1 (Murphy et al. 2024). Use unbiased=True for the "
+            f"debiased estimate.",
+            BiasedCKAWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_about_values(b: Backend, values: Array, what: str = "CKA") -> None:
+    """Warn (never clip) when a result is NaN or exceeds 1 in magnitude beyond rounding."""
+    if b.is_tracing(values):
+        return
+    import numpy
+
+    v = numpy.atleast_1d(b.to_numpy(values))
+    if numpy.isnan(v).any():
+        where = numpy.argwhere(numpy.isnan(numpy.atleast_2d(v)))
+        warnings.warn(
+            f"{what} is NaN at {len(where)} entr{'y' if len(where) == 1 else 'ies'} (first: index "
+            f"{tuple(int(i) for i in where[0])}): a constant (zero-variance) input has no CKA.",
+            CKANumericsWarning,
+            stacklevel=3,
+        )
+    if (numpy.abs(v[~numpy.isnan(v)]) > 1 + 1e-6).any():
+        warnings.warn(
+            f"{what} exceeds 1 in magnitude (max {numpy.nanmax(numpy.abs(v)):.9g}); in exact arithmetic "
+            f"|CKA| <= 1, so this is a numerical problem; please report it with the inputs.",
+            CKANumericsWarning,
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _center_features(b: Backend, x: Array, mask: Array | None = None) -> Array:
+    """``x - mean(x)`` over examples, in the Gram dtype; with ``mask`` (n,), over the valid rows only,
+    and padded rows set to zero."""
+    x = b.cast(b.flatten(x), b.gram_dtype(x))
+    if mask is None:
+        return x - b.mean(x, axis=0)
+    m = b.cast(mask, x.dtype)[:, None]
+    mean = b.sum(x * m, axis=0)[None, :] / b.sum(m)
+    return (x - mean) * m
+
+
+def _is_constant(b: Backend, x: Array, centered: Array) -> Array:
+    """Whether features are constant up to rounding: ``||x - mean||^2 <= (CONSTANT_ULPS eps)^2 ||x||^2``.
+
+    The centring of a constant layer leaves rounding residue of order ``eps |x|`` per entry, whose
+    Gram would otherwise turn into a meaningless CKA value. Returns a 0-d boolean array.
+    """
+    raw = b.cast(b.flatten(x), centered.dtype)
+    return b.sum(centered * centered) <= (CONSTANT_ULPS * b.eps(centered.dtype)) ** 2 * b.sum(raw * raw)
+
+
+def _gram_impl(x: Array, kernel: str, sigma: Any, sigma_frac: Any, mask: Array | None = None) -> Array:
+    """The ``(n, n)`` Gram of ``x`` after centring, in the accumulator dtype."""
+    b = get_backend(x)
+    centered = _center_features(b, x, mask)
+    accumulate = b.accumulator_dtype(x)
+    dot = b.matmul(centered, b.transpose(centered))  # the Gram product, in the input dtype
+    if kernel == "linear":
+        k = b.cast(dot, accumulate)
+    else:
+        dot = b.cast(dot, accumulate)
+        sq_norms = b.diagonal(dot)
+        # squared distances by expansion; clamp tiny negative rounding residue to 0
+        sq_distances = b.maximum(sq_norms[:, None] + sq_norms[None, :] - 2 * dot, 0.0)
+        if sigma is None:
+            # Kornblith et al. (2019): sigma^2 = sigma_frac^2 * median of all n^2 squared distances
+            # (diagonal zeros included, as in their reference code).
+            valid = None if mask is None else b.outer(mask, mask)
+            median = b.median(sq_distances, valid)
+            two_sigma_sq = 2 * sigma_frac**2 * median
+        else:
+            two_sigma_sq = 2 * sigma**2
+        k = b.exp(-sq_distances / two_sigma_sq)
+    if mask is not None:
+        m = b.cast(mask, k.dtype)
+        k = k * b.outer(m, m)
+    zeros = b.zeros(b.shape(k), like=k, dtype=k.dtype)
+    raw = x if mask is None else b.flatten(x) * b.cast(mask, b.gram_dtype(x))[:, None]
+    return b.where(_is_constant(b, raw, centered), zeros, k)
+
+
+def gram(x: Array, *, kernel: str = "linear", sigma: float | None = None, sigma_frac: float = 0.8) -> Array:
+    r"""Kernel matrix of the centred features ``x``, in the accumulator dtype (float64).
+
+    Parameters
+    ----------
+    x : (n, ...) array
+        Features; flattened to ``(n, d)`` and centred (mean over examples subtracted).
+    kernel : {"linear", "rbf"}
+    sigma, sigma_frac : float
+        RBF bandwidth: fixed ``sigma``, or ``sigma_frac`` times the square root of the median
+        squared distance (Kornblith et al. 2019).
+
+    Returns
+    -------
+    (n, n) array, float64 where the framework has it.
+    """
+    _check_kernel(kernel)
+    b = get_backend(x)
+    _check_features(b, x, "x")
+    return b.jit(_gram_impl, static_argnames=("kernel",))(x, kernel, sigma, sigma_frac)
+
+
+def linear_kernel(x: Array) -> Array:
+    r"""Linear kernel :math:`K = \bar X \bar X^\top` of the centred features :math:`\bar X = X - 1\mu^\top`.
+
+    Centring changes :math:`K` only by :math:`K \to HKH`-type terms to which every HSIC estimator
+    here is exactly invariant, and it keeps the Gram precise for features with a large mean.
+
+    Parameters
+    ----------
+    x : (n, ...) array
+
+    Returns
+    -------
+    (n, n) array in float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(8, 3))
+    >>> bool(np.allclose(linear_kernel(x), linear_kernel(x + 100.0)))
+    True
+    """
+    return gram(x, kernel="linear")
+
+
+def rbf_kernel(x: Array, *, sigma: float | None = None, sigma_frac: float = 0.8) -> Array:
+    r"""RBF kernel :math:`K_{ab} = \exp(-\lVert x_a - x_b \rVert^2 / (2\sigma^2))`.
+
+    With ``sigma=None``, :math:`\sigma = \text{sigma\_frac}\cdot\sqrt{\operatorname{median}_{ab}\lVert x_a - x_b\rVert^2}`
+    over all :math:`n^2` pairs (Kornblith et al. 2019 use fractions 0.2-0.8).
+
+    Parameters
+    ----------
+    x : (n, ...) array
+    sigma : float, optional
+        A fixed bandwidth; overrides ``sigma_frac``.
+    sigma_frac : float
+        Bandwidth as a fraction of the median distance.
+
+    Returns
+    -------
+    (n, n) array in float64.
+    """
+    return gram(x, kernel="rbf", sigma=sigma, sigma_frac=sigma_frac)
+
+
+# --------------------------------------------------------------------------------------------
+# HSIC: all layer pairs from one matrix product
+# --------------------------------------------------------------------------------------------
+
+
+def _stack_grams(b: Backend, grams: Sequence[Array] | Array) -> Array:
+    """``(L, n, n)`` float64 stack from a sequence of ``(n, n)`` Grams (or a stack already)."""
+    if isinstance(grams, (list, tuple)):
+        grams = b.stack([b.cast(k, b.accumulator_dtype(k)) for k in grams])
+    return b.cast(grams, b.accumulator_dtype(grams))
+
+
+def _unbiased_factors(b: Backend, grams: Array) -> tuple[Array, Array, Array]:
+    r"""For a stack of Grams ``(L, n, n)``: the flattened :math:`\tilde K` ``(L, n^2)``, the row sums
+    :math:`r = \tilde K 1` ``(L, n)`` and the totals :math:`s = 1^\top \tilde K 1` ``(L,)``."""
+    zeroed = b.zero_diagonal(grams)
+    row_sums = b.sum(zeroed, axis=-1)
+    totals = b.sum(row_sums, axis=-1)
+    flat = zeroed.reshape(zeroed.shape[0], -1)
+    return flat, row_sums, totals
+
+
+def _center_grams(b: Backend, grams: Array) -> Array:
+    """``H K H`` for each Gram of a stack ``(L, n, n)``, ``H = I - 11^T/n``."""
+    row_means = b.mean(grams, axis=-1)  # (L, n, 1)
+    return grams - row_means - b.mean(grams, axis=-2) + b.mean(row_means, axis=-2)
+
+
+def _hsic_pairs(b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bool) -> tuple[Array, Array, Array]:
+    r"""HSIC for all pairs of two Gram stacks, plus the self terms.
+
+    Unbiased (Song et al. 2012), with :math:`\tilde K` the Gram with zeroed diagonal:
+
+    .. math::
+        \mathrm{HSIC}_1(K, L) = \frac{1}{n(n-3)}\Big[\operatorname{tr}(\tilde K\tilde L)
+            + \frac{1^\top\tilde K 1\, 1^\top\tilde L 1}{(n-1)(n-2)} - \frac{2}{n-2} 1^\top\tilde K\tilde L 1\Big]
+
+    where :math:`\operatorname{tr}(\tilde K\tilde L) = \langle \tilde K, \tilde L\rangle_F` (Grams are
+    symmetric), so all ``L1 x L2`` traces are one ``(L1, n^2) @ (n^2, L2)`` product and
+    :math:`1^\top\tilde K\tilde L 1 = r_K \cdot r_L` another ``(L1, n) @ (n, L2)`` one.
+    Biased (Gretton et al. 2005): :math:`\operatorname{tr}(KHLH)/(n-1)^2 = \langle HKH, HLH\rangle_F/(n-1)^2`.
+
+    Returns ``(hsic_xy (L1, L2), hsic_xx (L1,), hsic_yy (L2,))``.
+    """
+    if unbiased:
+        fx, rx, sx = _unbiased_factors(b, grams_x)
+        fy, ry, sy = _unbiased_factors(b, grams_y)
+
+        def combine(trace: Array, r_dot: Array, s_prod: Array) -> Array:
+            return (trace + s_prod / ((n - 1) * (n - 2)) - 2 * r_dot / (n - 2)) / (n * (n - 3))
+
+        xy = combine(b.matmul(fx, b.transpose(fy)), b.matmul(rx, b.transpose(ry)), b.outer(sx, sy))
+        xx = combine(b.sum(fx * fx, axis=-1), b.sum(rx * rx, axis=-1), sx * sx)
+        yy = combine(b.sum(fy * fy, axis=-1), b.sum(ry * ry, axis=-1), sy * sy)
+        return xy, xx, yy
+    cx = _center_grams(b, grams_x).reshape(grams_x.shape[0], -1)
+    cy = _center_grams(b, grams_y).reshape(grams_y.shape[0], -1)
+    scale = (n - 1) ** 2
+    return (
+        b.matmul(cx, b.transpose(cy)) / scale,
+        b.sum(cx * cx, axis=-1) / scale,
+        b.sum(cy * cy, axis=-1) / scale,
+    )
+
+
+def _safe_ratio(b: Backend, hsic_xy: Array, hsic_xx: Array, hsic_yy: Array) -> Array:
+    r""":math:`\mathrm{HSIC}(K,L)/\sqrt{\mathrm{HSIC}(K,K)\,\mathrm{HSIC}(L,L)}`, NaN where the denominator is
+    not positive (a constant input, or a negative unbiased estimate), never inf, never clipped.
+
+    The inner ``where`` keeps ``sqrt`` away from non-positive values so gradients stay finite
+    elsewhere (the double-``where`` idiom).
+    """
+    product = b.outer(hsic_xx, hsic_yy) if len(b.shape(hsic_xy)) == 2 else hsic_xx * hsic_yy
+    positive = product > 0
+    ones = b.full_like_scalar(1.0, product)
+    nan = b.full_like_scalar(math.nan, product)
+    return b.where(positive, hsic_xy / b.sqrt(b.where(positive, product, ones)), nan)
+
+
+def _hsic_impl(gram_x: Array, gram_y: Array, unbiased: bool) -> Array:
+    b = get_backend(gram_x)
+    n = b.shape(gram_x)[0]
+    xy, _, _ = _hsic_pairs(b, _stack_grams(b, [gram_x]), _stack_grams(b, [gram_y]), n, unbiased)
+    return xy[0, 0]
+
+
+def hsic(gram_x: Array, gram_y: Array) -> Array:
+    r"""Biased HSIC (Gretton et al. 2005) of two kernel matrices.
+
+    .. math:: \mathrm{HSIC}_0(K, L) = \frac{\operatorname{tr}(K H L H)}{(n-1)^2},\qquad H = I - \tfrac{1}{n}11^\top
+
+    Parameters
+    ----------
+    gram_x, gram_y : (n, n) arrays
+        :math:`K` and :math:`L`, kernels over the same ``n`` examples.
+
+    Returns
+    -------
+    0-d array (float64) of the input's type and device.
+    """
+    b = _backend_of(gram_x, gram_y, names=("gram_x", "gram_y"))
+    n = _check_grams(b, gram_x, gram_y)
+    _check_n(n, unbiased=False, what="the kernel")
+    return b.jit(_hsic_impl, static_argnames=("unbiased",))(gram_x, gram_y, False)
+
+
+def hsic_unbiased(gram_x: Array, gram_y: Array) -> Array:
+    r"""Unbiased HSIC estimator (Song et al. 2012) of two kernel matrices.
+
+    With :math:`\tilde K, \tilde L` the kernels with zeroed diagonals,
+
+    .. math::
+        \mathrm{HSIC}_1(K, L) = \frac{1}{n(n-3)}\Big[\operatorname{tr}(\tilde K\tilde L)
+            + \frac{1^\top\tilde K 1\, 1^\top\tilde L 1}{(n-1)(n-2)} - \frac{2}{n-2} 1^\top\tilde K\tilde L 1\Big]
+
+    It is exactly invariant to :math:`K \to K + a1^\top + 1a^\top + c11^\top` and needs ``n >= 4``.
+
+    Parameters
+    ----------
+    gram_x, gram_y : (n, n) arrays
+        :math:`K` and :math:`L`.
+
+    Returns
+    -------
+    0-d array (float64) of the input's type and device.
+    """
+    b = _backend_of(gram_x, gram_y, names=("gram_x", "gram_y"))
+    n = _check_grams(b, gram_x, gram_y)
+    _check_n(n, unbiased=True, what="the kernel")
+    return b.jit(_hsic_impl, static_argnames=("unbiased",))(gram_x, gram_y, True)
+
+
+# --------------------------------------------------------------------------------------------
+# Full-batch CKA
+# --------------------------------------------------------------------------------------------
+
+
+def _feature_space_terms(b: Backend, x: Array, y: Array, unbiased: bool) -> tuple[Array, Array, Array]:
+    r"""``(hsic_xy, hsic_xx, hsic_yy)`` of the linear kernel from centred features, without any Gram.
+
+    Biased (Kornblith et al. 2019): :math:`\langle HKH, HLH\rangle = \lVert \bar Y^\top \bar X\rVert_F^2`.
+    Unbiased, with :math:`q_a = \lVert x_a\rVert^2`, :math:`u = \bar X^\top 1` (zero up to rounding;
+    kept so the identities are exact):
+    :math:`\operatorname{tr}(\tilde K\tilde L) = \lVert \bar Y^\top\bar X\rVert_F^2 - \sum_a q^x_a q^y_a`,
+    :math:`\tilde K 1 = \bar X u - q^x`, :math:`1^\top\tilde K 1 = \lVert u\rVert^2 - \sum_a q^x_a`.
+    Cost :math:`O(n d_x d_y)` instead of :math:`O(n^2 (d_x + d_y))`. The common factor
+    ``1/(n-1)^2`` of the biased form is dropped: it cancels in the CKA ratio.
+    """
+    accumulate = b.accumulator_dtype(x)
+    n = b.shape(x)[0]
+    xc, yc = _center_features(b, x), _center_features(b, y)
+
+    def cross(p: Array, q: Array) -> Array:  # ||q^T p||_F^2 in float64 from a product in the input dtype
+        prod = b.cast(b.matmul(b.transpose(q), p), accumulate)
+        return b.sum(prod * prod)
+
+    if not unbiased:
+        return cross(xc, yc), cross(xc, xc), cross(yc, yc)
+
+    def factors(p: Array) -> tuple[Array, Array, Array]:
+        p64 = b.cast(p, accumulate)
+        sq_norms = b.sum(p64 * p64, axis=1)  # q (n,)
+        u = b.sum(p64, axis=0)  # (d,)
+        row_sums = b.matmul(p64, u[:, None])[:, 0] - sq_norms  # K~ 1
+        return sq_norms, row_sums, b.sum(u * u) - b.sum(sq_norms)
+
+    qx, rx, sx = factors(xc)
+    qy, ry, sy = factors(yc)
+
+    def combine(frob: Array, qa: Array, qb: Array, ra: Array, rb: Array, sa: Array, sb: Array) -> Array:
+        trace = frob - b.sum(qa * qb)
+        return (trace + sa * sb / ((n - 1) * (n - 2)) - 2 * b.sum(ra * rb) / (n - 2)) / (n * (n - 3))
+
+    return (
+        combine(cross(xc, yc), qx, qy, rx, ry, sx, sy),
+        combine(cross(xc, xc), qx, qx, rx, rx, sx, sx),
+        combine(cross(yc, yc), qy, qy, ry, ry, sy, sy),
+    )
+
+
+def _use_feature_space(n: int, dx: int, dy: int) -> bool:
+    """The feature-space form costs ``n (dx dy + dx^2 + dy^2)``, the Gram form ``n^2 (dx + dy)``;
+    for equal widths the former wins when ``d < 2n/3``, i.e. whenever d is well below n."""
+    return dx * dy + dx * dx + dy * dy < n * (dx + dy)
+
+
+def _cka_impl(x: Array, y: Array, kernel: str, unbiased: bool, sigma: Any, sigma_frac: Any) -> Array:
+    b = get_backend(x)
+    n = b.shape(x)[0]
+    dx, dy = b.shape(b.flatten(x))[1], b.shape(b.flatten(y))[1]
+    if kernel == "linear" and _use_feature_space(n, dx, dy):
+        xy, xx, yy = _feature_space_terms(b, x, y, unbiased)
+        constant_x = _is_constant(b, x, _center_features(b, x))
+        constant_y = _is_constant(b, y, _center_features(b, y))
+        zero = b.zeros((), like=xx, dtype=xx.dtype)
+        xx = b.where(constant_x, zero, xx)
+        yy = b.where(constant_y, zero, yy)
+        return _safe_ratio(b, xy, xx, yy)
+    grams_x = _stack_grams(b, [_gram_impl(x, kernel, sigma, sigma_frac)])
+    grams_y = _stack_grams(b, [_gram_impl(y, kernel, sigma, sigma_frac)])
+    xy, xx, yy = _hsic_pairs(b, grams_x, grams_y, n, unbiased)
+    return _safe_ratio(b, xy, xx, yy)[0, 0]
+
+
+def cka(
+    x: Array,
+    y: Array,
+    *,
+    kernel: str = "linear",
+    unbiased: bool = False,
+    sigma: float | None = None,
+    sigma_frac: float = 0.8,
+) -> Array:
+    r"""Centered Kernel Alignment between two representations of the same examples.
+
+    .. math:: \mathrm{CKA}(K, L) = \frac{\mathrm{HSIC}(K, L)}{\sqrt{\mathrm{HSIC}(K, K)\,\mathrm{HSIC}(L, L)}}
+
+    with :math:`K, L` the kernels of ``x`` and ``y`` and HSIC biased (Kornblith et al. 2019) or,
+    with ``unbiased=True``, the unbiased estimator of Song et al. (2012) ("debiased CKA").
+    Linear CKA uses the feature-space form :math:`\lVert Y^\top X\rVert_F^2/(\lVert X^\top X\rVert_F\lVert Y^\top Y\rVert_F)`
+    (and its unbiased analogue) when it is cheaper, i.e. when the widths are below ``n``.
+
+    Parameters
+    ----------
+    x : (n, ...) array
+        Features of the first representation, flattened to ``(n, d_x)``.
+    y : (n, ...) array
+        Features of the second, same examples in the same order, flattened to ``(n, d_y)``.
+    kernel : {"linear", "rbf"}
+    unbiased : bool
+        Use the unbiased HSIC estimator (needs ``n >= 4``). Biased CKA is misleading when
+        ``d > n`` (independent Gaussians with n=50, d=5000 score 0.99; Murphy et al. 2024): a
+        :class:`BiasedCKAWarning` says so.
+    sigma, sigma_frac : float
+        RBF bandwidth, see :func:`rbf_kernel`.
+
+    Returns
+    -------
+    0-d array of the input's type, on its device, float64 where the framework has it; ``float()``
+    works. Differentiable under torch autograd and ``jax.grad``; jit-able under ``jax.jit``.
+    NaN (with a :class:`CKANumericsWarning`) when an input is constant.
+
+    References
+    ----------
+    Kornblith, Norouzi, Lee & Hinton, "Similarity of Neural Network Representations Revisited", ICML 2019.
+    Song, Smola, Gretton, Bedo & Borgwardt, "Feature Selection via Dependence Maximization", JMLR 2012.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(100, 10))
+    >>> q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(10, 10)))
+    >>> round(float(cka(x, 3.0 * x @ q)), 12)   # invariant to rotation and isotropic scaling
+    1.0
+    """
+    _check_kernel(kernel)
+    b = _backend_of(x, y, names=("x", "y"))
+    _check_features(b, x, "x")
+    _check_features(b, y, "y")
+    n = _check_pair_n(b, x, y)
+    _check_n(n, unbiased)
+    _warn_if_biased_misleading(unbiased, n, b.shape(b.flatten(x))[1], b.shape(b.flatten(y))[1])
+    value = b.jit(_cka_impl, static_argnames=("kernel", "unbiased"))(x, y, kernel, unbiased, sigma, sigma_frac)
+    _warn_about_values(b, value)
+    return value
+
+
+def feature_space_linear_cka(x: Array, y: Array, *, unbiased: bool = False) -> Array:
+    r"""Linear CKA from the ``(d_x, d_y)`` cross-covariance, never forming an ``(n, n)`` Gram.
+
+    .. math:: \mathrm{CKA} = \frac{\lVert \bar Y^\top \bar X\rVert_F^2}{\lVert \bar X^\top \bar X\rVert_F\,\lVert \bar Y^\top \bar Y\rVert_F}
+
+    (Kornblith et al. 2019), or its unbiased analogue. Equal to ``cka(x, y)`` for every ``n, d``;
+    :func:`cka` picks it by itself when it is the cheaper form.
+    """
+    b = _backend_of(x, y, names=("x", "y"))
+    _check_features(b, x, "x")
+    _check_features(b, y, "y")
+    n = _check_pair_n(b, x, y)
+    _check_n(n, unbiased)
+    xy, xx, yy = _feature_space_terms(b, x, y, unbiased)
+    value = _safe_ratio(b, xy, xx, yy)
+    _warn_about_values(b, value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Minibatch CKA: a pure accumulator (init / update / merge / finalize)
+# --------------------------------------------------------------------------------------------
+
+
+class CKAState(NamedTuple):
+    r"""Sufficient statistics of minibatch CKA (Nguyen et al. 2021): sums over batches ``b``.
+
+    A NamedTuple of arrays, hence a JAX pytree; every field merges by addition, so combining the
+    states of shards (devices, ranks) is one sum (an all-reduce).
+
+    Attributes
+    ----------
+    hsic_xy : (L1, L2) array
+        :math:`\sum_b \mathrm{HSIC}(K_b^{(i)}, L_b^{(j)})`.
+    hsic_xx : (L1,) array
+        :math:`\sum_b \mathrm{HSIC}(K_b^{(i)}, K_b^{(i)})`.
+    hsic_yy : (L2,) array
+        :math:`\sum_b \mathrm{HSIC}(L_b^{(j)}, L_b^{(j)})`.
+    n_examples : 0-d array
+        Examples seen (for reporting).
+    n_batches : 0-d array
+        Batches seen.
+    """
+
+    hsic_xy: Array
+    hsic_xx: Array
+    hsic_yy: Array
+    n_examples: Array
+    n_batches: Array
+
+
+def init_state(n_layers_x: int, n_layers_y: int, like: Array) -> CKAState:
+    """An empty :class:`CKAState` for ``n_layers_x x n_layers_y`` pairs, with ``like``'s array type,
+    device and accumulator dtype (float64 where the framework has it)."""
+    b = get_backend(like)
+    zeros = lambda *shape: b.zeros(shape, like=like)  # noqa: E731
+    return CKAState(zeros(n_layers_x, n_layers_y), zeros(n_layers_x), zeros(n_layers_y), zeros(), zeros())
+
+
+def _update_from_grams_impl(state: CKAState, grams_x: Array, grams_y: Array, n: Any, unbiased: bool) -> CKAState:
+    b = get_backend(state.hsic_xy)
+    xy, xx, yy = _hsic_pairs(b, _stack_grams(b, grams_x), _stack_grams(b, grams_y), n, unbiased)
+    return CKAState(
+        state.hsic_xy + xy,
+        state.hsic_xx + xx,
+        state.hsic_yy + yy,
+        state.n_examples + n,
+        state.n_batches + 1,
+    )
+
+
+def update_state_from_grams(
+    state: CKAState,
+    grams_x: Sequence[Array] | Array,
+    grams_y: Sequence[Array] | Array,
+    *,
+    n: Any = None,
+    unbiased: bool = True,
+) -> CKAState:
+    r"""Add one batch, given its Grams, to ``state``: the entry point of the frontends, which compute
+    each layer's Gram as soon as the layer has run.
+
+    Parameters
+    ----------
+    state : CKAState
+    grams_x : (L1, n, n) array or sequence of L1 (n, n) arrays
+        Kernels of the first model's layers for this batch (see :func:`gram`).
+    grams_y : (L2, n, n) array or sequence of L2 (n, n) arrays
+    n : int or 0-d array, optional
+        Number of valid examples (default: the Grams' size). With padded batches the padded rows and
+        columns of every Gram must be zero; then every HSIC term is unchanged and only ``n`` differs.
+    unbiased : bool
+        Unbiased HSIC (Nguyen et al. 2021's choice) or biased per-batch HSIC.
+    """
+    b = get_backend(state.hsic_xy)
+    size = b.shape(grams_x[0])[-1]
+    if n is None:
+        n = size
+        _check_n(n, unbiased)
+    return b.jit(_update_from_grams_impl, static_argnames=("unbiased",))(state, grams_x, grams_y, n, unbiased)
+
+
+def _update_impl(
+    state: CKAState, xs: Sequence[Array], ys: Sequence[Array], mask: Array | None,
+    kernel: str, unbiased: bool, sigma: Any, sigma_frac: Any,
+) -> CKAState:
+    b = get_backend(state.hsic_xy)
+    grams_x = [_gram_impl(x, kernel, sigma, sigma_frac, mask) for x in xs]
+    grams_y = [_gram_impl(y, kernel, sigma, sigma_frac, mask) for y in ys]
+    n = b.shape(xs[0])[0] if mask is None else b.sum(b.cast(mask, state.hsic_xy.dtype))
+    return _update_from_grams_impl(state, grams_x, grams_y, n, unbiased)
+
+
+def update_state(
+    state: CKAState,
+    xs: Sequence[Array],
+    ys: Sequence[Array],
+    *,
+    mask: Array | None = None,
+    kernel: str = "linear",
+    unbiased: bool = True,
+    sigma: float | None = None,
+    sigma_frac: float = 0.8,
+) -> CKAState:
+    r"""Add one batch of features to ``state``: one Gram per layer, all pairs in one product.
+
+    Parameters
+    ----------
+    state : CKAState
+        From :func:`init_state` with ``len(xs), len(ys)`` layers.
+    xs : sequence of L1 (n, ...) arrays
+        This batch's features of each layer of the first model.
+    ys : sequence of L2 (n, ...) arrays
+        The same examples through the second model.
+    mask : (n,) bool array, optional
+        Valid rows of a padded batch (JAX: a ragged last batch without recompiling); padded rows add
+        nothing and ``n`` becomes the number of valid rows.
+    kernel, unbiased, sigma, sigma_frac
+        As in :func:`cka`.
+
+    Returns
+    -------
+    CKAState
+        A new state (the input is not modified). Pure; jitted on JAX.
+    """
+    _check_kernel(kernel)
+    if len(xs) != _len0(state.hsic_xx) or len(ys) != _len0(state.hsic_yy):
+        raise ValueError(
+            f"the state was made for {_len0(state.hsic_xx)} x {_len0(state.hsic_yy)} layers but this batch has "
+            f"{len(xs)} x {len(ys)}; pass the same layers in every batch."
+        )
+    b = _backend_of(state.hsic_xy, *xs, *ys, names=("state", *[f"xs[{i}]" for i in range(len(xs))],
+                                                    *[f"ys[{j}]" for j in range(len(ys))]))
+    n = b.shape(xs[0])[0]
+    for name, arr in [*((f"xs[{i}]", a) for i, a in enumerate(xs)), *((f"ys[{j}]", a) for j, a in enumerate(ys))]:
+        _check_features(b, arr, name)
+        if b.shape(arr)[0] != n:
+            raise ValueError(
+                f"every layer of a batch must hold the same examples: xs[0] has {n} but {name} has "
+                f"shape {b.shape(arr)}."
+            )
+    if mask is None:
+        _check_n(n, unbiased)
+    return b.jit(_update_impl, static_argnames=("kernel", "unbiased"))(
+        state, list(xs), list(ys), mask, kernel, unbiased, sigma, sigma_frac
+    )
+
+
+def _len0(a: Array) -> int:
+    """Length of the first axis of an array of any backend (a static shape, safe under jit)."""
+    return int(a.shape[0])
+
+
+def merge_states(a: CKAState, b: CKAState) -> CKAState:
+    """The state of the union of two disjoint sets of batches: the fieldwise sum (exact up to float64
+    rounding; order-independent up to it). One all-reduce does the same across processes."""
+    if a.hsic_xy.shape != b.hsic_xy.shape:
+        raise ValueError(f"cannot merge states over different layers: {tuple(a.hsic_xy.shape)} vs {tuple(b.hsic_xy.shape)}.")
+    return CKAState(*(p + q for p, q in zip(a, b)))
+
+
+def finalize(state: CKAState) -> Array:
+    r"""The ``(L1, L2)`` minibatch CKA matrix from accumulated sums (Nguyen et al. 2021).
+
+    .. math:: \mathrm{CKA}_{ij} = \frac{\sum_b \mathrm{HSIC}_1(K_b^{(i)}, L_b^{(j)})}
+              {\sqrt{\sum_b \mathrm{HSIC}_1(K_b^{(i)}, K_b^{(i)})\,\sum_b \mathrm{HSIC}_1(L_b^{(j)}, L_b^{(j)})}}
+
+    NaN where a denominator is zero (a constant layer); never clipped.
+    """
+    b = get_backend(state.hsic_xy)
+    return _safe_ratio(b, state.hsic_xy, state.hsic_xx, state.hsic_yy)
+
+
+def _as_layer_list(batch: Any) -> list[Array]:
+    if isinstance(batch, (list, tuple)):
+        return list(batch)
+    if isinstance(batch, dict):
+        return list(batch.values())
+    return [batch]
+
+
+def minibatch_cka_matrix(
+    xs: Iterable[Sequence[Array]],
+    ys: Iterable[Sequence[Array]],
+    *,
+    kernel: str = "linear",
+    unbiased: bool = True,
+    sigma: float | None = None,
+    sigma_frac: float = 0.8,
+) -> Array:
+    r"""Minibatch CKA between every layer of one model and every layer of another.
+
+    .. math:: \mathrm{CKA}_{ij} = \frac{\sum_b \mathrm{HSIC}_1(K_b^{(i)}, L_b^{(j)})}
+              {\sqrt{\sum_b \mathrm{HSIC}_1(K_b^{(i)}, K_b^{(i)})\,\sum_b \mathrm{HSIC}_1(L_b^{(j)}, L_b^{(j)})}}
+
+    (Nguyen, Raghu & Kornblith, ICLR 2021), computed with one Gram per layer per batch and one
+    matrix product for all pairs, accumulated in float64.
+
+    Parameters
+    ----------
+    xs : iterable over batches; each a sequence of L1 arrays (n_b, ...)
+        Features of the first model's layers (a single array counts as one layer).
+    ys : iterable over the same batches; each a sequence of L2 arrays (n_b, ...)
+    kernel, unbiased, sigma, sigma_frac
+        As in :func:`cka`.
+
+    Returns
+    -------
+    (L1, L2) array of the inputs' type and device.
+
+    Batches with fewer than 4 examples (undefined for the unbiased estimator) are skipped with a
+    warning; an error if none is left. Batches may differ in size.
+    """
+    state = None
+    skipped: list[int] = []
+    batches_x, batches_y = iter(xs), iter(ys)
+    index = -1
+    for index, batch_x in enumerate(batches_x):
+        try:
+            batch_y = next(batches_y)
+        except StopIteration:
+            raise ValueError(f"xs has more batches than ys (ys ended after {index}); pass the same batches to both.") from None
+        layers_x, layers_y = _as_layer_list(batch_x), _as_layer_list(batch_y)
+        b = get_backend(layers_x[0])
+        n = b.shape(layers_x[0])[0]
+        if n != b.shape(layers_y[0])[0]:
+            raise ValueError(
+                f"batch {index}: xs has {n} examples but ys has {b.shape(layers_y[0])[0]}; both sides must see "
+                f"the same examples in the same order."
+            )
+        if n < (4 if unbiased else 2):
+            skipped.append(index)
+            continue
+        if state is None:
+            state = init_state(len(layers_x), len(layers_y), like=layers_x[0])
+        try:
+            state = update_state(state, layers_x, layers_y, kernel=kernel, unbiased=unbiased,
+                                 sigma=sigma, sigma_frac=sigma_frac)
+        except ValueError as error:
+            raise ValueError(f"batch {index}: {error}") from None
+    if next(batches_y, None) is not None:
+        raise ValueError(f"ys has more batches than xs ({index + 1}); pass the same batches to both.")
+    if skipped:
+        warnings.warn(
+            f"skipped batch(es) {skipped} with fewer than {4 if unbiased else 2} examples: the "
+            f"{'unbiased ' if unbiased else ''}HSIC estimator is undefined there.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if state is None:
+        raise ValueError(
+            "no batch with at least 4 examples to compute minibatch CKA from; pass larger batches."
+            if skipped else "xs is empty: pass at least one batch of features."
+        )
+    matrix = finalize(state)
+    _warn_about_values(get_backend(matrix), matrix, what="minibatch CKA")
+    return matrix
+
+
+def minibatch_cka(
+    xs: Iterable[Array],
+    ys: Iterable[Array],
+    *,
+    kernel: str = "linear",
+    unbiased: bool = True,
+    sigma: float | None = None,
+    sigma_frac: float = 0.8,
+) -> Array:
+    r"""Minibatch CKA between two representations streamed in batches (Nguyen et al. 2021).
+
+    .. math:: \mathrm{CKA} = \frac{\sum_b \mathrm{HSIC}_1(K_b, L_b)}{\sqrt{\sum_b \mathrm{HSIC}_1(K_b, K_b)\,\sum_b \mathrm{HSIC}_1(L_b, L_b)}}
+
+    Parameters
+    ----------
+    xs, ys : iterables of (n_b, ...) arrays
+        Per-batch features of the two representations, same examples in the same order.
+
+    Returns
+    -------
+    0-d array of the inputs' type. With a single batch it equals ``cka(x, y, unbiased=True)``.
+    """
+    matrix = minibatch_cka_matrix(
+        ([x] for x in xs), ([y] for y in ys), kernel=kernel, unbiased=unbiased, sigma=sigma, sigma_frac=sigma_frac
+    )
+    return matrix[0, 0]

@@ -1,0 +1,45 @@
+"""The one notion every frontend shares: a feature extractor.
+
+A comparison pairs two extractors (a PyTorch module, an ONNX graph, a JAX function, ...) and feeds
+the Grams of their selected layers, batch by batch, to the core accumulator. A third framework is
+one small subclass: implement :meth:`FeatureExtractor.layer_names` and :meth:`FeatureExtractor.features`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+Array = Any
+
+
+class FeatureExtractor(ABC):
+    """One side of a comparison: turns a batch into the Grams of its selected layers.
+
+    Subclasses implement :meth:`layer_names` and :meth:`features`; those that can compute a layer's
+    Gram as soon as the layer has run (torch forward hooks) override :meth:`grams`, so that the full
+    feature maps of all layers are never held at once. Set-up and tear-down with side effects
+    (hooks, sessions) happen in ``__enter__`` / ``__exit__``; ``__exit__`` always undoes them.
+    """
+
+    #: Display name of the model (``model1_name`` in torch_cka's vocabulary).
+    name: str = "model"
+
+    @abstractmethod
+    def layer_names(self) -> list[str]:
+        """The selected layers, in the order of the rows (or columns) of the CKA matrix."""
+
+    @abstractmethod
+    def features(self, batch: Any) -> dict[str, Array]:
+        """Selected layer name -> ``(n, ...)`` array for one batch, in :meth:`layer_names` order."""
+
+    def grams(self, batch: Any, gram_fn: Callable[[Array], Array]) -> list[Array]:
+        """One ``(n, n)`` Gram per selected layer for ``batch``, in :meth:`layer_names` order."""
+        return [gram_fn(f) for f in self.features(batch).values()]
+
+    def __enter__(self) -> "FeatureExtractor":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        return None
