@@ -169,7 +169,7 @@ def _warn_about_values(b: Backend, values: Array, what: str = "CKA") -> None:
         where = numpy.argwhere(numpy.isnan(numpy.atleast_2d(v)))
         warnings.warn(
             f"{what} is NaN at {len(where)} entr{'y' if len(where) == 1 else 'ies'} (first: index "
-            f"{tuple(int(i) for i in where[0])}): a constant (zero-variance) input has no CKA.",
+            f"{tuple(int(i) for i in where[0])}): a constant (zero-variance) input, or an RBF bandwidth of zero, has no CKA.",
             CKANumericsWarning,
             stacklevel=3,
         )
@@ -229,7 +229,10 @@ def _gram_impl(x: Array, kernel: str, sigma: Any, sigma_frac: Any, mask: Array |
             two_sigma_sq = 2 * sigma_frac**2 * median
         else:
             two_sigma_sq = 2 * sigma**2
-        k = b.exp(-sq_distances / two_sigma_sq)
+        # A zero bandwidth (more than half the pairs coincide, e.g. a constant layer) has no kernel:
+        # NaN, not a division warning; constant layers are zeroed below anyway.
+        nan = b.full_like_scalar(math.nan, dot)
+        k = b.exp(-sq_distances / b.where(two_sigma_sq > 0, two_sigma_sq, nan))
     if mask is not None:
         m = b.cast(mask, k.dtype)
         k = k * b.outer(m, m)
@@ -366,6 +369,8 @@ def _hsic_pairs(b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bo
         xx = combine(b.sum(fx * fx, axis=-1), b.sum(rx * rx, axis=-1), sx * sx)
         yy = combine(b.sum(fy * fy, axis=-1), b.sum(ry * ry, axis=-1), sy * sy)
         return xy, xx, yy
+    if not (isinstance(n, int) and n == b.shape(grams_x)[-1]):
+        return _hsic_pairs_biased_padded(b, grams_x, grams_y, n)
     cx = _center_grams(b, grams_x).reshape(grams_x.shape[0], -1)
     cy = _center_grams(b, grams_y).reshape(grams_y.shape[0], -1)
     scale = (n - 1) ** 2
@@ -373,6 +378,34 @@ def _hsic_pairs(b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bo
         b.matmul(cx, b.transpose(cy)) / scale,
         b.sum(cx * cx, axis=-1) / scale,
         b.sum(cy * cy, axis=-1) / scale,
+    )
+
+
+def _hsic_pairs_biased_padded(b: Backend, grams_x: Array, grams_y: Array, n: Any) -> tuple[Array, Array, Array]:
+    r"""Biased HSIC of padded Gram stacks ``(L, N, N)`` whose rows and columns past the ``n`` valid
+    examples are zero (``n`` may be traced: a masked batch under ``jax.jit``).
+
+    Centring must use :math:`H = I - 11^\top/n` over the valid rows only, so instead of forming
+    :math:`HKH` (whose padded rows would not stay zero) use the expansion
+
+    .. math:: \langle HKH, HLH\rangle_F = \langle K, L\rangle_F - \tfrac{2}{n}(K1)\cdot(L1)
+              + \tfrac{1}{n^2}(1^\top K 1)(1^\top L 1),
+
+    in which the zero padding drops out of every term. Grams of centred features have
+    :math:`K1 \approx 0`, so the expansion loses nothing to cancellation there.
+    """
+    flat_x, flat_y = grams_x.reshape(grams_x.shape[0], -1), grams_y.reshape(grams_y.shape[0], -1)
+    rx, ry = b.sum(grams_x, axis=-1), b.sum(grams_y, axis=-1)
+    sx, sy = b.sum(rx, axis=-1), b.sum(ry, axis=-1)
+    scale = (n - 1) ** 2
+
+    def combine(inner: Array, r_dot: Array, s_prod: Array) -> Array:
+        return (inner - 2 * r_dot / n + s_prod / n**2) / scale
+
+    return (
+        combine(b.matmul(flat_x, b.transpose(flat_y)), b.matmul(rx, b.transpose(ry)), b.outer(sx, sy)),
+        combine(b.sum(flat_x * flat_x, axis=-1), b.sum(rx * rx, axis=-1), sx * sx),
+        combine(b.sum(flat_y * flat_y, axis=-1), b.sum(ry * ry, axis=-1), sy * sy),
     )
 
 

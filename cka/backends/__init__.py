@@ -50,7 +50,7 @@ def get_backend(x: Any) -> Backend:
         return backend
     # jax before numpy: a numpy scalar is never a jax array, but check the specific ones first.
     for framework in ("torch", "jax", "numpy"):
-        if framework in sys.modules:
+        if sys.modules.get(framework) is not None:
             candidate = backend_for(framework)
             if candidate.is_appropriate_type(x):
                 _type_cache[type(x)] = candidate

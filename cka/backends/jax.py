@@ -40,6 +40,16 @@ class JaxBackend(Backend):
             return jnp.promote_types(x.dtype, jnp.float32)
         return self.accumulator_dtype(x)
 
+    def all_finite(self, x: Array) -> bool:
+        # A concrete array can still be staged inside a transformation (jax.grad of a closure):
+        # there the value can't be read, and the check is skipped like under jit.
+        if self.is_tracing(x):
+            return True
+        try:
+            return bool(self.xp.all(self.xp.isfinite(x)))
+        except self._jax.errors.ConcretizationTypeError:
+            return True
+
     def to_numpy(self, x: Array) -> Any:
         import numpy
 
