@@ -187,38 +187,45 @@ def _warn_about_values(b: Backend, values: Array, what: str = "CKA") -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _center_features(b: Backend, x: Array, mask: Array | None = None) -> Array:
-    """``x - mean(x)`` over examples, in the Gram dtype; with ``mask`` (n,), over the valid rows only,
-    and padded rows set to zero."""
+def _center_features(b: Backend, x: Array, mask: Array | None = None) -> tuple[Array, Array, Any]:
+    """``(x - mean(x), mean, n)`` over examples, in the Gram dtype; with ``mask`` (n,), over the valid
+    rows only, padded rows set to zero and ``n`` the (traced) number of valid rows."""
     x = b.cast(b.flatten(x), b.gram_dtype(x))
     if mask is None:
-        return x - b.mean(x, axis=0)
+        mean = b.mean(x, axis=0)
+        return x - mean, mean, b.shape(x)[0]
     m = b.cast(mask, x.dtype)[:, None]
-    mean = b.sum(x * m, axis=0)[None, :] / b.sum(m)
-    return (x - mean) * m
+    n = b.sum(m)
+    mean = b.sum(x * m, axis=0)[None, :] / n
+    return (x - mean) * m, mean, n
 
 
-def _is_constant(b: Backend, x: Array, centered: Array) -> Array:
-    """Whether features are constant up to rounding: ``||x - mean||^2 <= (CONSTANT_ULPS eps)^2 ||x||^2``.
+def _is_constant(b: Backend, centered_energy: Array, mean: Array, n: Any, dtype: Any) -> Array:
+    r"""Whether features are constant up to rounding: :math:`\lVert \bar X\rVert_F^2 \le (c\,\epsilon)^2 \lVert X\rVert_F^2`
+    with ``c = CONSTANT_ULPS`` and :math:`\epsilon` the Gram dtype's machine epsilon.
 
-    The centring of a constant layer leaves rounding residue of order ``eps |x|`` per entry, whose
-    Gram would otherwise turn into a meaningless CKA value. Returns a 0-d boolean array.
+    The centring of a constant layer leaves rounding residue of order :math:`\epsilon |x|` per entry,
+    whose Gram would otherwise turn into a meaningless CKA value. Uses
+    :math:`\lVert X\rVert_F^2 = \lVert \bar X\rVert_F^2 + n\lVert \mu\rVert^2` so that no extra pass
+    over the features is needed (:math:`\lVert \bar X\rVert_F^2` is the trace of the linear Gram).
+    Returns a 0-d boolean array.
     """
-    raw = b.cast(b.flatten(x), centered.dtype)
-    return b.sum(centered * centered) <= (CONSTANT_ULPS * b.eps(centered.dtype)) ** 2 * b.sum(raw * raw)
+    mean64 = b.cast(mean, centered_energy.dtype)
+    raw_energy = centered_energy + n * b.sum(mean64 * mean64)
+    return centered_energy <= (CONSTANT_ULPS * b.eps(dtype)) ** 2 * raw_energy
 
 
 def _gram_impl(x: Array, kernel: str, sigma: Any, sigma_frac: Any, mask: Array | None = None) -> Array:
     """The ``(n, n)`` Gram of ``x`` after centring, in the accumulator dtype."""
     b = get_backend(x)
-    centered = _center_features(b, x, mask)
+    centered, mean, n = _center_features(b, x, mask)
     accumulate = b.accumulator_dtype(x)
-    dot = b.matmul(centered, b.transpose(centered))  # the Gram product, in the input dtype
+    dot = b.cast(b.matmul(centered, b.transpose(centered)), accumulate)  # the product in the input dtype
+    sq_norms = b.diagonal(dot)
+    constant = _is_constant(b, b.sum(sq_norms), mean, n, centered.dtype)
     if kernel == "linear":
-        k = b.cast(dot, accumulate)
+        k = dot
     else:
-        dot = b.cast(dot, accumulate)
-        sq_norms = b.diagonal(dot)
         # squared distances by expansion; clamp tiny negative rounding residue to 0
         sq_distances = b.maximum(sq_norms[:, None] + sq_norms[None, :] - 2 * dot, 0.0)
         if sigma is None:
@@ -228,17 +235,15 @@ def _gram_impl(x: Array, kernel: str, sigma: Any, sigma_frac: Any, mask: Array |
             median = b.median(sq_distances, valid)
             two_sigma_sq = 2 * sigma_frac**2 * median
         else:
-            two_sigma_sq = 2 * sigma**2
+            two_sigma_sq = b.zeros((), like=dot, dtype=dot.dtype) + 2 * sigma**2  # an array, also for a float
         # A zero bandwidth (more than half the pairs coincide, e.g. a constant layer) has no kernel:
         # NaN, not a division warning; constant layers are zeroed below anyway.
         nan = b.full_like_scalar(math.nan, dot)
         k = b.exp(-sq_distances / b.where(two_sigma_sq > 0, two_sigma_sq, nan))
-    if mask is not None:
-        m = b.cast(mask, k.dtype)
-        k = k * b.outer(m, m)
-    zeros = b.zeros(b.shape(k), like=k, dtype=k.dtype)
-    raw = x if mask is None else b.flatten(x) * b.cast(mask, b.gram_dtype(x))[:, None]
-    return b.where(_is_constant(b, raw, centered), zeros, k)
+        if mask is not None:
+            m = b.cast(mask, k.dtype)
+            k = k * b.outer(m, m)
+    return b.where(constant, b.zeros((), like=k, dtype=k.dtype), k)
 
 
 def gram(
@@ -481,6 +486,14 @@ def hsic_unbiased(gram_x: Array, gram_y: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+def _centered_or_zero(b: Backend, x: Array) -> Array:
+    """Centred features ``(n, d)``, all zero when the layer is constant (see :func:`_is_constant`)."""
+    centered, mean, n = _center_features(b, x)
+    energy = b.sum(b.cast(centered * centered, b.accumulator_dtype(x)))
+    constant = _is_constant(b, energy, mean, n, centered.dtype)
+    return b.where(constant, b.zeros((), like=centered, dtype=centered.dtype), centered)
+
+
 def _feature_space_terms(b: Backend, x: Array, y: Array, unbiased: bool) -> tuple[Array, Array, Array]:
     r"""``(hsic_xy, hsic_xx, hsic_yy)`` of the linear kernel from centred features, without any Gram.
 
@@ -494,7 +507,7 @@ def _feature_space_terms(b: Backend, x: Array, y: Array, unbiased: bool) -> tupl
     """
     accumulate = b.accumulator_dtype(x)
     n = b.shape(x)[0]
-    xc, yc = _center_features(b, x), _center_features(b, y)
+    xc, yc = _centered_or_zero(b, x), _centered_or_zero(b, y)
 
     def cross(p: Array, q: Array) -> Array:  # ||q^T p||_F^2 in float64 from a product in the input dtype
         prod = b.cast(b.matmul(b.transpose(q), p), accumulate)
@@ -536,11 +549,6 @@ def _cka_impl(x: Array, y: Array, kernel: str, unbiased: bool, sigma: Any, sigma
     dx, dy = b.shape(b.flatten(x))[1], b.shape(b.flatten(y))[1]
     if kernel == "linear" and _use_feature_space(n, dx, dy):
         xy, xx, yy = _feature_space_terms(b, x, y, unbiased)
-        constant_x = _is_constant(b, x, _center_features(b, x))
-        constant_y = _is_constant(b, y, _center_features(b, y))
-        zero = b.zeros((), like=xx, dtype=xx.dtype)
-        xx = b.where(constant_x, zero, xx)
-        yy = b.where(constant_y, zero, yy)
         return _safe_ratio(b, xy, xx, yy)
     grams_x = _stack_grams(b, [_gram_impl(x, kernel, sigma, sigma_frac)])
     grams_y = _stack_grams(b, [_gram_impl(y, kernel, sigma, sigma_frac)])
@@ -716,12 +724,15 @@ def update_state_from_grams(
 def _update_impl(
     state: CKAState, xs: Sequence[Array], ys: Sequence[Array], mask: Array | None,
     kernel: str, unbiased: bool, sigma: Any, sigma_frac: Any,
-) -> CKAState:
+) -> tuple[CKAState, Array]:
+    """The updated state and whether every Gram of the batch is finite (one flag, checked once by the
+    caller: NaN/Inf in a layer's features always reaches its Gram's diagonal)."""
     b = get_backend(state.hsic_xy)
-    grams_x = [_gram_impl(x, kernel, sigma, sigma_frac, mask) for x in xs]
-    grams_y = [_gram_impl(y, kernel, sigma, sigma_frac, mask) for y in ys]
+    grams_x = _stack_grams(b, [_gram_impl(x, kernel, sigma, sigma_frac, mask) for x in xs])
+    grams_y = _stack_grams(b, [_gram_impl(y, kernel, sigma, sigma_frac, mask) for y in ys])
+    finite = b.xp.all(b.xp.isfinite(grams_x)) & b.xp.all(b.xp.isfinite(grams_y))
     n = b.shape(xs[0])[0] if mask is None else b.sum(b.cast(mask, state.hsic_xy.dtype))
-    return _update_from_grams_impl(state, grams_x, grams_y, n, unbiased)
+    return _update_from_grams_impl(state, grams_x, grams_y, n, unbiased), finite
 
 
 def update_state(
@@ -765,18 +776,22 @@ def update_state(
     b = _backend_of(state.hsic_xy, *xs, *ys, names=("state", *[f"xs[{i}]" for i in range(len(xs))],
                                                     *[f"ys[{j}]" for j in range(len(ys))]))
     n = b.shape(xs[0])[0]
-    for name, arr in [*((f"xs[{i}]", a) for i, a in enumerate(xs)), *((f"ys[{j}]", a) for j, a in enumerate(ys))]:
-        _check_features(b, arr, name)
-        if b.shape(arr)[0] != n:
+    named = [*((f"xs[{i}]", a) for i, a in enumerate(xs)), *((f"ys[{j}]", a) for j, a in enumerate(ys))]
+    for name, arr in named:
+        if len(b.shape(arr)) == 0 or b.shape(arr)[0] != n:
             raise ValueError(
                 f"every layer of a batch must hold the same examples: xs[0] has {n} but {name} has "
                 f"shape {b.shape(arr)}."
             )
     if mask is None:
         _check_n(n, unbiased)
-    return b.jit(_update_impl, static_argnames=("kernel", "unbiased"))(
+    new_state, finite = b.jit(_update_impl, static_argnames=("kernel", "unbiased"))(
         state, list(xs), list(ys), mask, kernel, unbiased, sigma, sigma_frac
     )
+    if not b.is_tracing(finite) and not bool(finite):
+        for name, arr in named:  # the slow path, only to name the culprit
+            _check_features(b, arr, name)
+    return new_state
 
 
 def _len0(a: Array) -> int:
