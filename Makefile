@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/demo.py
+	$(PY) examples/functional_demo.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile
