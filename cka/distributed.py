@@ -1,0 +1,108 @@
+"""Scaling out over ``torch.distributed``: shard the batches, accumulate, one all-reduce.
+
+The minibatch CKA sums (:class:`~cka.core.CKAState`) are additive, so each rank accumulates the
+batches of its shard and one all-reduce (sum) of the small accumulators gives every rank the state of
+the whole run — equal to a single process over the same batches up to float64 rounding.
+
+Minibatch CKA depends on *which examples share a batch*: it is a sum of per-batch estimates. Two
+consequences (see README, "Large runs"):
+
+* :func:`shard_batches` splits the *list of batches* of one loader (batch ``k`` goes to rank
+  ``k mod world_size``), so the distributed result equals the single-process one exactly;
+  re-batching the examples per rank (what a ``DistributedSampler`` does) forms other batches and
+  gives a (statistically equivalent but) different estimate;
+* ``DistributedSampler`` pads the data set by repeating examples so that every rank gets the same
+  number; those repeats are counted twice. Use ``drop_last=True`` or :func:`shard_batches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from cka.core import CKAState
+
+__all__ = ["is_distributed", "rank_and_world_size", "shard_batches", "all_reduce_state"]
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """Whether ``torch.distributed`` is available and initialised in this process (torch not imported
+    if the caller has not imported it)."""
+    import sys
+
+    if sys.modules.get("torch") is None:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world_size)``, ``(0, 1)`` outside a distributed run."""
+    if not is_distributed():
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+class ShardedBatches(Iterable[T]):
+    """Every ``world_size``-th batch of ``batches``, starting at ``rank``; ``len()`` where known."""
+
+    def __init__(self, batches: Iterable[T], rank: int, world_size: int) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> Iterator[T]:
+        for index, batch in enumerate(self.batches):
+            if index % self.world_size == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        total = len(self.batches)  # type: ignore[arg-type]
+        return max(0, (total - self.rank + self.world_size - 1) // self.world_size)
+
+
+def shard_batches(batches: Iterable[T], rank: int | None = None, world_size: int | None = None) -> ShardedBatches[T]:
+    """This rank's share of a loader's batches: batch ``k`` goes to rank ``k mod world_size``.
+
+    Every rank must build the same loader (same order: no shuffling, or a shuffle seeded identically
+    on all ranks). A rank may get no batch at all; the all-reduce still includes it.
+
+    Parameters
+    ----------
+    batches : iterable
+        A ``DataLoader`` (or any iterable of batches), the same on every rank.
+    rank, world_size : int, optional
+        Default: from the initialised process group, else ``(0, 1)``.
+    """
+    if rank is None or world_size is None:
+        detected_rank, detected_world = rank_and_world_size()
+        rank = detected_rank if rank is None else rank
+        world_size = detected_world if world_size is None else world_size
+    return ShardedBatches(batches, rank, world_size)
+
+
+def all_reduce_state(state: CKAState, group: Any = None) -> CKAState:
+    """The sum of ``state`` over all ranks, on every rank: one all-reduce of one flat float64 buffer.
+
+    Works with NCCL (tensors on this rank's CUDA device) and gloo (CPU tensors).
+    """
+    import torch
+    import torch.distributed as dist
+
+    fields = [torch.as_tensor(f) for f in state]
+    flat = torch.cat([f.reshape(-1).to(torch.float64) for f in fields])
+    if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":
+        flat = flat.cuda()
+    elif dist.get_backend(group) == "gloo" and flat.device.type != "cpu":
+        flat = flat.cpu()
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    out, offset = [], 0
+    for f in fields:
+        out.append(flat[offset:offset + f.numel()].reshape(f.shape).to(device=f.device, dtype=f.dtype))
+        offset += f.numel()
+    return CKAState(*out)
