@@ -194,10 +194,13 @@ def _center_features(b: Backend, x: Array, mask: Array | None = None) -> tuple[A
     if mask is None:
         mean = b.mean(x, axis=0)
         return x - mean, mean, b.shape(x)[0]
-    m = b.cast(mask, x.dtype)[:, None]
-    n = b.sum(m)
-    mean = b.sum(x * m, axis=0)[None, :] / n
-    return (x - mean) * m, mean, n
+    # ``where``, not a product with the mask: padded rows may hold anything (even NaN) without
+    # reaching the result, and XLA fuses it into the Gram's operand (~25% faster on CPU than x * m).
+    valid = (mask != 0)[:, None]
+    zero = b.zeros((), like=x, dtype=x.dtype)
+    n = b.sum(b.cast(mask, x.dtype))
+    mean = b.sum(b.where(valid, x, zero), axis=0)[None, :] / n
+    return b.where(valid, x - mean, zero), mean, n
 
 
 def _is_constant(b: Backend, centered_energy: Array, mean: Array, n: Any, dtype: Any) -> Array:
