@@ -34,6 +34,8 @@ from cka.core import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CKA",
+    "CKAResult",
     "KERNELS",
     "BiasedCKAWarning",
     "CKANumericsWarning",
@@ -53,3 +55,21 @@ __all__ = [
     "update_state",
     "update_state_from_grams",
 ]
+
+#: Public names whose modules import optional frameworks: loaded on first access (PEP 562), so that
+#: ``import cka`` imports neither torch nor matplotlib, while ``from cka import CKA`` still works.
+_LAZY = {"CKA": "cka.frontends.torch", "CKAResult": "cka.result"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cka' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

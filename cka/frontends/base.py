@@ -38,6 +38,33 @@ class FeatureExtractor(ABC):
         """One ``(n, n)`` Gram per selected layer for ``batch``, in :meth:`layer_names` order."""
         return [gram_fn(f) for f in self.features(batch).values()]
 
+    def bind(self, *, layers: Any = None, other: "FeatureExtractor | None" = None) -> None:
+        """Prepare for a comparison: called once by :class:`cka.CKA` (in its constructor) before any batch.
+
+        Parameters
+        ----------
+        layers
+            This side's selection as passed to ``CKA`` (``model1_layers`` / ``model2_layers``), or
+            ``None`` when it was not given (keep the extractor's own selection or default). After
+            ``bind`` returns, :meth:`layer_names` must give the final rows (or columns).
+        other : FeatureExtractor, optional
+            The extractor on the other side of the comparison. An extractor whose layers are named
+            after *another* framework's modules resolves them here: the ONNX frontend maps PyTorch
+            module names to ONNX values through ``other.module`` (a
+            :class:`cka.frontends.torch.TorchModel` exposes the ``nn.Module`` as ``.module``, its
+            layer names as :meth:`layer_names`, and :meth:`features` on a probe batch to validate a
+            mapping), and with ``layers=None`` may mirror ``other.layer_names()``. ``other`` may be
+            ``self`` when a model is compared with itself.
+
+        The default accepts ``layers=None`` only: an extractor that takes no selection from ``CKA``
+        says so instead of silently ignoring it.
+        """
+        if layers is not None:
+            raise TypeError(
+                f"{type(self).__name__} does not take a layer selection from CKA(model1_layers=/model2_layers=); "
+                f"select its layers when you construct it."
+            )
+
     def __enter__(self) -> "FeatureExtractor":
         return self
 
