@@ -13,16 +13,21 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[torch,jax,onnx,plot,dev]" "$(TORCH_PIN)"
+	# the predecessor, for compatibility tests only; its wheel declares no dependencies (--no-deps guards it)
+	$(PY) -m pip install -q --no-deps torch-cka==0.21
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/functional_demo.py
+	$(VENV)/bin/cka demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/core.py
+	$(PY) benchmarks/compare_models.py
+	$(PY) benchmarks/onnx_bench.py
+	$(PY) benchmarks/jax_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> None:
-    from cka.specs import load_data, load_model
+    from cka.specs import is_torchscript_output, load_data, load_model
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive; got {args.batch_size}.")
@@ -106,6 +106,12 @@ def _run_compare(args: argparse.Namespace) -> None:
             for name in _selectable_layers(model):
                 print(f"  {name}")
         return
+    for spec, model, layers in ((args.model1, model1, args.layers1), (args.model2, model2, args.layers2)):
+        if is_torchscript_output(model) and layers and list(layers) != ["output"]:
+            raise CLIError(
+                f"{spec} is TorchScript, whose inner layers cannot be hooked: only its 'output' can be compared. "
+                f"Save the model with torch.export.save (a .pt2 file) to compare inner layers."
+            )
     if not args.data:
         raise CLIError("--data is required (an image folder, a .npy/.npz file or synthetic:CxHxW).")
     data1 = load_data(args.data, limit=args.limit, image_size=args.image_size)

@@ -42,13 +42,14 @@ def load_model(spec: str, *, weights: str | None = None) -> Any:
         _require_file(spec)
         import torch
 
-        return torch.export.load(spec).module()
+        # unflatten restores the module hierarchy (and so the layer names and hooks) of the program
+        return torch.export.unflatten(torch.export.load(spec))
     if lowered.endswith((".pt", ".ts", ".pth")):
         _require_file(spec)
         import torch
 
         try:
-            return torch.jit.load(spec, map_location="cpu").eval()
+            return TorchScriptOutput(torch.jit.load(spec, map_location="cpu").eval())
         except RuntimeError as error:
             raise _spec_error(
                 f"{spec} is not a TorchScript file ({str(error).splitlines()[0]}); pickled models are never "
@@ -63,6 +64,31 @@ def load_model(spec: str, *, weights: str | None = None) -> Any:
     if sep and prefix.endswith(".py"):
         return _factory_model(prefix, name)
     raise _spec_error(f"unknown model spec {spec!r}; use one of: {_MODEL_FORMS}.")
+
+
+def TorchScriptOutput(script_module: Any) -> Any:  # noqa: N802 - builds an nn.Module
+    """A TorchScript model as an ``nn.Module`` whose only selectable layer is ``output``.
+
+    ScriptModules refuse forward hooks, so their inner layers cannot be read; the model's output
+    passes through an ``nn.Identity`` named ``output`` that can be hooked. To compare inner layers,
+    save the model with ``torch.export.save`` (a ``.pt2`` file) instead.
+    """
+    import torch
+
+    class _TorchScriptOutput(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.__dict__["script"] = script_module  # not registered: named_modules() must not list it
+            self.output = torch.nn.Identity()
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self.output(self.script(*args, **kwargs))
+
+    return _TorchScriptOutput().eval()
+
+
+def is_torchscript_output(model: Any) -> bool:
+    return type(model).__name__ == "_TorchScriptOutput"
 
 
 def _require_file(path: str) -> None:

@@ -119,12 +119,15 @@ def test_compare_onnx_torchscript_and_exported_program_files(workdir, tmp_path):
     torch.jit.save(torch.jit.trace(model, example), str(tmp_path / "m.pt"))
     batch = torch.export.Dim("batch", min=2)
     torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), str(tmp_path / "m.pt2"))
-    for other in ("m.onnx", "m.pt", "m.pt2"):
+    for other, layer in (("m.onnx", "1"), ("m.pt2", "1"), ("m.pt", "output")):  # TorchScript: its output only
+        layer1 = "3" if layer == "output" else "1"
         run = cka("compare", str(workdir / "models.py") + ":make_model", other, "--data", "synthetic:3x8x8",
-                  "--limit", "32", "--batch-size", "16", "--layers1", "1", "--layers2", "1",
-                  "--out", str(tmp_path / other), "--no-progress", cwd=tmp_path)
+                  "--limit", "32", "--batch-size", "16", "--layers1", layer1, "--layers2", layer,
+                  "--out", str(tmp_path / f"out-{other}"), "--no-progress", cwd=tmp_path)
         assert run.returncode == 0, (other, run.stderr)
-        assert float(run.stdout.splitlines()[1].split()[-1]) == pytest.approx(1.0, abs=1e-4), other
+        assert float(run.stdout.splitlines()[1].split()[-1].strip("()")) == pytest.approx(1.0, abs=1e-4), other
+    refused = cka("compare", "m.pt", "--data", "synthetic:3x8x8", "--layers1", "1", cwd=tmp_path)
+    assert refused.returncode == 2 and "inner layers cannot be hooked" in refused.stderr
 
 
 def test_list_layers(workdir):
