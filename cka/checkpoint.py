@@ -18,14 +18,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from cka.backends import get_backend
 from cka.core import CKAState
 
-__all__ = ["CheckpointError", "save_state", "load_state", "state_to_numpy", "state_like"]
+__all__ = ["Checkpoint", "CheckpointError", "save_state", "load_checkpoint", "load_state", "state_to_numpy", "state_like"]
 
 _MAGIC = b"CKACKPT1"
 
@@ -50,7 +50,22 @@ def state_like(state: CKAState, like: Any) -> CKAState:
     return CKAState(*(backend.xp.asarray(f, dtype=dtype) for f in state))
 
 
-def save_state(path: str | os.PathLike, state: CKAState, *, position: int, fingerprint: dict[str, Any]) -> None:
+class Checkpoint(NamedTuple):
+    """What a checkpoint holds: the sums, the batches they cover, and the caller's extra bookkeeping."""
+
+    state: CKAState
+    position: int
+    extra: dict[str, Any]
+
+
+def save_state(
+    path: str | os.PathLike,
+    state: CKAState,
+    *,
+    position: int,
+    fingerprint: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write ``state``, ``position`` and ``fingerprint`` to ``path`` atomically.
 
     Parameters
@@ -64,10 +79,13 @@ def save_state(path: str | os.PathLike, state: CKAState, *, position: int, finge
     fingerprint : dict
         JSON-serialisable description of the comparison (models, layers, settings); :func:`load_state`
         refuses a checkpoint whose fingerprint differs.
+    extra : dict, optional
+        JSON-serialisable bookkeeping of the caller (skipped batches, ...), returned by :func:`load_checkpoint`.
     """
     path = Path(path)
     arrays = state_to_numpy(state)
-    meta = json.dumps({"position": int(position), "fingerprint": fingerprint}, sort_keys=True, default=str)
+    meta = json.dumps({"position": int(position), "fingerprint": fingerprint, "extra": extra or {}},
+                      sort_keys=True, default=str)
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(meta), **arrays._asdict())
     payload = buffer.getvalue()
@@ -86,7 +104,13 @@ def save_state(path: str | os.PathLike, state: CKAState, *, position: int, finge
 
 
 def load_state(path: str | os.PathLike, *, fingerprint: dict[str, Any] | None = None) -> tuple[CKAState, int]:
-    """Read a checkpoint written by :func:`save_state`: ``(state as float64 numpy, position)``.
+    """``(state as float64 numpy, position)`` from a checkpoint; see :func:`load_checkpoint`."""
+    checkpoint = load_checkpoint(path, fingerprint=fingerprint)
+    return checkpoint.state, checkpoint.position
+
+
+def load_checkpoint(path: str | os.PathLike, *, fingerprint: dict[str, Any] | None = None) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_state`: the state (float64 numpy), position and extra.
 
     Raises
     ------
@@ -116,4 +140,4 @@ def load_state(path: str | os.PathLike, *, fingerprint: dict[str, Any] | None = 
                 f"{path} was written by a different comparison ({details}); use another checkpoint path "
                 f"or delete it to start over."
             )
-    return state, int(meta["position"])
+    return Checkpoint(state, int(meta["position"]), dict(meta.get("extra", {})))

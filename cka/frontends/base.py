@@ -65,6 +65,12 @@ class FeatureExtractor(ABC):
                 f"select its layers when you construct it."
             )
 
+    def fingerprint(self) -> str:
+        """A short string identifying the model and its selected layers, stored in checkpoints so that a
+        run never resumes from the sums of another model. The default names the class and the layers;
+        frontends that can hash their weights (torch, ONNX) do."""
+        return f"{type(self).__name__}:{self.name}:{','.join(self.layer_names())}"
+
     def __enter__(self) -> "FeatureExtractor":
         return self
 

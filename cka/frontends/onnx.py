@@ -748,6 +748,17 @@ class OnnxModel(FeatureExtractor):
 
     # -- FeatureExtractor ----------------------------------------------------------------------
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the graph as loaded (its weights when they are inside the file; for external data,
+        the graph plus the data files' names and sizes)."""
+        import hashlib
+
+        digest = hashlib.sha256(self._proto.SerializeToString() if self._proto.ByteSize() < 2**31 - 1 else b"")
+        for location in sorted(_external_locations(self._proto)):
+            file = (self._directory or Path(".")) / location
+            digest.update(f"{location}:{file.stat().st_size if file.exists() else -1};".encode())
+        return f"onnx:{self.name}:{digest.hexdigest()[:32]}:{','.join(self.layer_names())}"
+
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self._layers]
 

@@ -30,9 +30,11 @@ import difflib
 import fnmatch
 import functools
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -391,6 +393,17 @@ class TorchModel(FeatureExtractor):
 
     # -- FeatureExtractor ----------------------------------------------------------------------
 
+    def fingerprint(self) -> str:
+        """SHA-256 over the names, shapes, dtypes and bytes of the module's parameters and buffers."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.module.state_dict().items()):
+            flat = tensor.detach().reshape(-1).contiguous().cpu()
+            digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        return f"torch:{type(self.module).__name__}:{digest.hexdigest()[:32]}:{','.join(self.layer_names())}"
+
     def layer_names(self) -> list[str]:
         return list(self._layers)
 
@@ -702,7 +715,14 @@ class CKA:
 
     # -- torch_cka's API -----------------------------------------------------------------------
 
-    def compare(self, dataloader1: Iterable[Any], dataloader2: Iterable[Any] | None = None) -> CKAResult:
+    def compare(
+        self,
+        dataloader1: Iterable[Any],
+        dataloader2: Iterable[Any] | None = None,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
+    ) -> CKAResult:
         """Accumulate minibatch CKA over the batches of ``dataloader1`` (and ``dataloader2``).
 
         Parameters
@@ -713,6 +733,20 @@ class CKA:
             If given, model2 sees these batches (paired with dataloader1's in order: the same number
             of batches and of examples per batch). If not, **one** iteration of dataloader1 feeds
             both models (so a shuffling loader still pairs the examples).
+        checkpoint : path, optional
+            Save the accumulator state and the position there every ``checkpoint_every`` batches and at
+            the end (atomically: a temporary file renamed over the old one). If the file exists, the run
+            resumes from it: the first batches already counted are drawn from the loaders but not run
+            through the models, and the result equals an uninterrupted run's. A checkpoint from other
+            models, layers or settings is refused. Under ``torch.distributed`` each rank keeps its own
+            file (``run.rank0-of-4.ckpt``).
+        checkpoint_every : int
+            Batches between two checkpoints (each one is a host synchronisation and a small write).
+
+        Under ``torch.distributed`` (initialised process group), each rank accumulates the batches it
+        is given (its ``DistributedSampler`` shard, or :func:`cka.distributed.shard_batches`) and one
+        all-reduce combines the sums: every rank returns the same result, equal to one process over the
+        same batches.
 
         Returns
         -------
@@ -740,6 +774,8 @@ class CKA:
         )
         shared_pass = self._side1.extractor is self._side2.extractor and not separate
         accumulator = _Accumulator(len(self._side1.layers), len(self._side2.layers), self.unbiased)
+        saver = _Checkpointer(checkpoint, checkpoint_every, self._fingerprint()) if checkpoint is not None else None
+        start = saver.restore(accumulator) if saver is not None else 0
         extractors = list(dict.fromkeys([self._side1.extractor, self._side2.extractor]))
         for extractor in extractors:
             if isinstance(extractor, TorchModel):
@@ -755,7 +791,10 @@ class CKA:
             bar = tqdm(iter(dataloader1), total=_length(dataloader1), desc="| Comparing features |", disable=not self.progress)
             stack.callback(bar.close)
             device = self.device
+            index = -1
             for index, (batch1, batch2) in enumerate(_paired(bar, dataloader2)):
+                if index < start:  # already in the restored sums
+                    continue
                 raw1 = self._side1.extractor.grams(batch1, gram_fn)
                 raw2 = raw1 if shared_pass else self._side2.extractor.grams(batch2, gram_fn)
                 device = device if device is not None else _device_of(raw1[0])
@@ -768,7 +807,30 @@ class CKA:
                         f"the same order (same batch size, same drop_last)."
                     )
                 accumulator.add(index, grams1, grams2)
+                if saver is not None:
+                    saver.maybe_save(accumulator, index + 1)
+            if saver is not None and index + 1 > start:
+                saver.save(accumulator, index + 1)
         return self._finish(accumulator)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match: both models (weights hashed), layers and settings."""
+        from cka.distributed import rank_and_world_size
+
+        rank, world_size = rank_and_world_size()
+        return {
+            "model1": self._side1.extractor.fingerprint(), "model2": self._side2.extractor.fingerprint(),
+            "model1_layers": list(self._side1.layers), "model2_layers": list(self._side2.layers),
+            "kernel": self.kernel, "unbiased": self.unbiased, "sigma": self.sigma, "sigma_frac": self.sigma_frac,
+            "rank": rank, "world_size": world_size,
+        }
+
+    def _home_device(self) -> torch.device:
+        """Where a rank that saw no batch keeps its (zero) sums for the all-reduce."""
+        for side in (self._side1, self._side2):
+            if isinstance(side.extractor, TorchModel):
+                return _module_device(side.extractor.module)
+        return torch.device("cpu")
 
     def _stack(self, side: _Side, grams: Sequence[Any], device: torch.device, what: str, index: int) -> torch.Tensor:
         """This side's Grams as one ``(L, n, n)`` float64 tensor on ``device``."""
@@ -788,6 +850,10 @@ class CKA:
         return torch.stack(chosen)
 
     def _finish(self, accumulator: "_Accumulator") -> CKAResult:
+        from cka.distributed import is_distributed
+
+        if is_distributed():
+            accumulator.all_reduce(self.device if self.device is not None else self._home_device())
         state, first_bad, skipped = accumulator.state, accumulator.first_bad, accumulator.skipped
         if skipped:
             warnings.warn(
@@ -807,9 +873,12 @@ class CKA:
             bad = bad.cpu()
             if (bad >= 0).any():
                 layer = int(torch.nonzero(bad >= 0)[0, 0])
+                where = f"batch {int(bad[layer])}"
+                if accumulator.world_size > 1:
+                    where = f"batch {int(bad[layer]) // accumulator.world_size} of rank {int(bad[layer]) % accumulator.world_size}"
                 raise ValueError(
                     f"layer {side.layers[layer]!r} of {what} ({getattr(self, what + '_name')}) produced NaN or Inf "
-                    f"features in batch {int(bad[layer])} (first seen); check the model and that batch's data."
+                    f"features in {where} (first seen); check the model and that batch's data."
                 )
         hsic_xx, hsic_yy = state.hsic_xx.cpu(), state.hsic_yy.cpu()
         matrix = core.finalize(state).cpu()
@@ -904,6 +973,29 @@ class _Accumulator:
         self.first_bad: list[torch.Tensor] = []  # (L1,), (L2,) int64: first bad batch or -1
         self.skipped: list[int] = []
 
+    world_size = 1
+
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum the state over all ranks (one all-reduce) and combine the NaN bookkeeping: a bad batch is
+        encoded as ``local_index * world_size + rank`` and the smallest code over ranks is kept."""
+        import torch.distributed as dist
+
+        from cka.distributed import all_reduce_state, rank_and_world_size
+
+        rank, self.world_size = rank_and_world_size()
+        if self.state is None:  # a rank with no batch still takes part, with zeros
+            self.state = core.init_state(*self.shape, like=torch.zeros((), device=device))
+            self.first_bad = [torch.full((size,), -1, dtype=torch.int64, device=device) for size in self.shape]
+        self.state = all_reduce_state(self.state)
+        never = torch.iinfo(torch.int64).max
+        for k, bad in enumerate(self.first_bad):
+            code = torch.where(bad >= 0, bad * self.world_size + rank, torch.full_like(bad, never))
+            code = code.to(self.state.hsic_xy.device)
+            dist.all_reduce(code, op=dist.ReduceOp.MIN)
+            self.first_bad[k] = torch.where(code == never, torch.full_like(code, -1), code)
+        if float(self.state.n_batches) == 0:
+            self.state = None
+
     def add(self, index: int, grams1: torch.Tensor, grams2: torch.Tensor) -> None:
         """Add batch ``index`` given its Gram stacks ``(L1, n, n)`` and ``(L2, n, n)``."""
         if grams1.shape[-1] < self.min_n:
@@ -917,6 +1009,51 @@ class _Accumulator:
                 bad = ~torch.isfinite(g).flatten(1).all(dim=1)
                 self.first_bad[k] = torch.where(bad & (self.first_bad[k] < 0), index, self.first_bad[k])
             self.state = core.update_state_from_grams(self.state, grams1, grams2, unbiased=self.unbiased)
+
+
+class _Checkpointer:
+    """Saves and restores an :class:`_Accumulator` through :mod:`cka.checkpoint` (atomic, checksummed,
+    fingerprinted); one file per rank under ``torch.distributed``."""
+
+    def __init__(self, path: str | os.PathLike, every: int, fingerprint: dict[str, Any]) -> None:
+        if int(every) < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of batches; got {every}.")
+        self.path, self.every, self.fingerprint = Path(path), int(every), fingerprint
+        if fingerprint["world_size"] > 1:
+            self.path = self.path.with_name(
+                f"{self.path.stem}.rank{fingerprint['rank']}-of-{fingerprint['world_size']}{self.path.suffix}"
+            )
+
+    def restore(self, accumulator: "_Accumulator") -> int:
+        """Load the checkpoint into ``accumulator`` if the file exists; the number of batches it holds."""
+        from cka.checkpoint import load_checkpoint, state_like
+
+        if not self.path.exists():
+            return 0
+        saved = load_checkpoint(self.path, fingerprint=self.fingerprint)
+        accumulator.skipped = list(saved.extra.get("skipped", []))
+        if saved.extra.get("started", False):
+            like = torch.zeros((), device=torch.device(saved.extra["device"]))
+            accumulator.state = state_like(saved.state, like)
+            accumulator.first_bad = [torch.tensor(b, dtype=torch.int64, device=like.device) for b in saved.extra["first_bad"]]
+        return saved.position
+
+    def maybe_save(self, accumulator: "_Accumulator", position: int) -> None:
+        if position % self.every == 0:
+            self.save(accumulator, position)
+
+    def save(self, accumulator: "_Accumulator", position: int) -> None:
+        from cka.checkpoint import save_state
+
+        started = accumulator.state is not None
+        state = accumulator.state if started else core.init_state(*accumulator.shape, like=torch.zeros(()))
+        extra = {
+            "skipped": accumulator.skipped,
+            "started": started,
+            "device": str(state.hsic_xy.device),
+            "first_bad": [b.tolist() for b in accumulator.first_bad],
+        }
+        save_state(self.path, state, position=position, fingerprint=self.fingerprint, extra=extra)
 
 
 def _paired(batches1: Iterable[Any], loader2: Iterable[Any] | None) -> Iterable[tuple[Any, Any]]:
