@@ -116,7 +116,7 @@ def run_demo(out: Path, *, fast: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     x, y = digits_tensors()
     x_train, y_train, x_test, y_test = x[:TEST_SPLIT], y[:TEST_SPLIT], x[TEST_SPLIT:], y[TEST_SPLIT:]
-    steps = 60 if fast else 400
+    steps = 60 if fast else 300
 
     print("1. Training two CNNs on scikit-learn's digits (1200 train / 597 test images, 8x8)")
     shallow, deep = SmallCNN(depth=2, seed=0), SmallCNN(depth=5, seed=1)
