@@ -141,11 +141,14 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of per-pair loop per configuration")
     parser.add_argument("--quick", action="store_true", help="only L=50, n=128, d=512 (the target)")
     parser.add_argument("--no-jax", action="store_true")
+    parser.add_argument("--layers", type=int, nargs="+", default=[10, 50, 100], help="values of L1 = L2")
+    parser.add_argument("--n", type=int, nargs="+", default=[128, 512], help="examples per batch")
+    parser.add_argument("--d", type=int, nargs="+", default=[512, 16384], help="features per layer")
     args = parser.parse_args()
     if args.quick:
         configs = [(50, 128, 512)]
     else:
-        configs = [(L, n, d) for L in (10, 50, 100) for n in (128, 512) for d in (512, 16384)]
+        configs = [(L, n, d) for L in args.layers for n in args.n for d in args.d]
     with_jax = not args.no_jax and args.device == "cpu"
     if with_jax:
         import jax

@@ -374,8 +374,8 @@ def _hsic_pairs(b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bo
             return (trace + s_prod / ((n - 1) * (n - 2)) - 2 * r_dot / (n - 2)) / (n * (n - 3))
 
         xy = combine(b.matmul(fx, b.transpose(fy)), b.matmul(rx, b.transpose(ry)), b.outer(sx, sy))
-        xx = combine(b.sum(fx * fx, axis=-1), b.sum(rx * rx, axis=-1), sx * sx)
-        yy = combine(b.sum(fy * fy, axis=-1), b.sum(ry * ry, axis=-1), sy * sy)
+        xx = combine(b.sum_of_squares(fx), b.sum(rx * rx, axis=-1), sx * sx)
+        yy = combine(b.sum_of_squares(fy), b.sum(ry * ry, axis=-1), sy * sy)
         return xy, xx, yy
     if not (isinstance(n, int) and n == b.shape(grams_x)[-1]):
         return _hsic_pairs_biased_padded(b, grams_x, grams_y, n)
@@ -728,14 +728,19 @@ def _update_impl(
     state: CKAState, xs: Sequence[Array], ys: Sequence[Array], mask: Array | None,
     kernel: str, unbiased: bool, sigma: Any, sigma_frac: Any,
 ) -> tuple[CKAState, Array]:
-    """The updated state and whether every Gram of the batch is finite (one flag, checked once by the
-    caller: NaN/Inf in a layer's features always reaches its Gram's diagonal)."""
+    """The updated state and whether the batch was finite (one flag, checked once by the caller).
+
+    NaN/Inf in example ``a`` of a layer reaches every entry of row ``a`` of its Gram, hence that
+    layer's self term ``HSIC(K, K)`` (a sum over all off-diagonal entries): checking the ``L1 + L2``
+    self terms is as strict as checking the ``(L, n, n)`` Grams, at no cost."""
     b = get_backend(state.hsic_xy)
     grams_x = _stack_grams(b, [_gram_impl(x, kernel, sigma, sigma_frac, mask) for x in xs])
     grams_y = _stack_grams(b, [_gram_impl(y, kernel, sigma, sigma_frac, mask) for y in ys])
-    finite = b.xp.all(b.xp.isfinite(grams_x)) & b.xp.all(b.xp.isfinite(grams_y))
     n = b.shape(xs[0])[0] if mask is None else b.sum(b.cast(mask, state.hsic_xy.dtype))
-    return _update_from_grams_impl(state, grams_x, grams_y, n, unbiased), finite
+    new_state = _update_from_grams_impl(state, grams_x, grams_y, n, unbiased)
+    delta_xx, delta_yy = new_state.hsic_xx - state.hsic_xx, new_state.hsic_yy - state.hsic_yy
+    finite = b.xp.all(b.xp.isfinite(delta_xx)) & b.xp.all(b.xp.isfinite(delta_yy))
+    return new_state, finite
 
 
 def update_state(

@@ -72,6 +72,10 @@ class Backend:
     def mean(self, x: Array, axis: int) -> Array:
         return self.xp.mean(x, axis=axis, keepdims=True)
 
+    def sum_of_squares(self, x: Array) -> Array:
+        """``sum(x**2)`` over the last axis."""
+        return self.xp.sum(x * x, axis=-1)
+
     def diagonal(self, k: Array) -> Array:
         """The diagonals of ``(..., n, n)`` as ``(..., n)``."""
         return self.xp.diagonal(k, axis1=-2, axis2=-1)
