@@ -142,7 +142,7 @@ def _run_compare(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result_path = result.save(out / f"cka.{args.format}")
     figure_path = out / "cka.png"
-    _save_heatmap(result, figure_path)
+    result.save_plot(figure_path)
     print(_summary(result))
     print(f"wrote {result_path} and {figure_path}")
 
@@ -159,17 +159,6 @@ def _selectable_layers(model: Any) -> list[str]:
     if _is_onnx(model):
         return [value.name for value in model.layers()]
     return [name for name, _ in model.named_modules() if name]
-
-
-def _save_heatmap(result: Any, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ax = result.plot()
-    ax.figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(ax.figure)
 
 
 def _summary(result: Any) -> str:

@@ -151,7 +151,7 @@ def run_demo(out: Path, *, fast: bool = False) -> dict[str, Any]:
         result = comparison.compare(first, second)
         results[key] = result
         result.save(out / f"{key}.json")
-        _heatmap(result, out / f"{key}.png")
+        result.save_plot(out / f"{key}.png", dpi=110)
         print(f"   {result.model1_name} vs {result.model2_name}:")
         if list(result.model1_layers) == list(result.model2_layers):
             diagonal = ", ".join(f"{n} {result.matrix[i, i]:.4f}" for i, n in enumerate(result.model1_layers))
@@ -160,17 +160,6 @@ def run_demo(out: Path, *, fast: bool = False) -> dict[str, Any]:
             print(_indent(np.array2string(result.matrix, precision=3, max_line_width=120), "     "))
     print(f"4. Wrote heatmaps (PNG) and results (JSON) to {out.resolve()}")
     return results
-
-
-def _heatmap(result: Any, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ax = result.plot()
-    ax.figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(ax.figure)
 
 
 def _indent(text: str, prefix: str) -> str:

@@ -352,6 +352,18 @@ class CKAResult:
         return ax
 
 
+    def save_plot(self, path: str | Path, *, dpi: int = 120, **plot_kwargs: Any) -> Path:
+        """Draw :meth:`plot` into a new figure, save it to ``path`` (PNG, PDF, SVG by extension) and
+        close the figure; returns the path."""
+        plt = _pyplot()
+        ax = self.plot(**plot_kwargs)
+        try:
+            ax.figure.savefig(path, dpi=dpi, bbox_inches="tight")
+        finally:
+            plt.close(ax.figure)
+        return Path(path)
+
+
 def _label_axis(set_ticks: Any, set_labels: Any, names: Sequence[str], rotation: int) -> None:
     """Tick every layer when there are few, every k-th when there are many (readable at 100+)."""
     step = max(1, math.ceil(len(names) / _MAX_TICK_LABELS))
