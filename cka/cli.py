@@ -129,13 +129,13 @@ def _run_compare(args: argparse.Namespace) -> None:
         raise CLIError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
     loader1 = torch.utils.data.DataLoader(data1, batch_size=args.batch_size)
     loader2 = torch.utils.data.DataLoader(data2, batch_size=args.batch_size) if data2 is not None else None
+    # one model given: it is compared with itself, on the same layers unless --layers2 says otherwise
+    layers2 = args.layers2 if args.model2 is not None or args.layers2 else args.layers1
     comparison = CKA(
         model1, model2,
-        model1_name=_describe(model1) if not args.model2 else Path(args.model1).name,
-        model2_name=Path(args.model2).name if args.model2 else _describe(model1),
-        model1_layers=args.layers1, model2_layers=args.layers2 if args.model2 or args.layers2 else args.layers1,
-        device=args.device if not _is_onnx(model1) and not _is_onnx(model2) else None,
-        kernel=args.kernel, progress=not args.no_progress,
+        model1_name=Path(args.model1).name, model2_name=Path(args.model2 or args.model1).name,
+        model1_layers=args.layers1, model2_layers=layers2,
+        device=args.device, kernel=args.kernel, progress=not args.no_progress,
     )
     result = comparison.compare(loader1, loader2)
     out = Path(args.out)
