@@ -116,6 +116,22 @@ def _check_pair_n(b: Backend, x: Array, y: Array, names: tuple[str, str] = ("x",
     return nx
 
 
+def min_examples(unbiased: bool) -> int:
+    """Fewest examples a batch needs: 4 for the unbiased HSIC estimator (its ``n - 3`` factor), 2 otherwise."""
+    return 4 if unbiased else 2
+
+
+def warn_skipped_batches(skipped: Sequence[int], unbiased: bool, stacklevel: int = 2) -> None:
+    """The one warning for batches left out for having fewer than :func:`min_examples` examples."""
+    if skipped:
+        warnings.warn(
+            f"skipped batch(es) {list(skipped)} with fewer than {min_examples(unbiased)} examples: the "
+            f"{'unbiased ' if unbiased else ''}HSIC estimator is undefined there.",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 def _check_n(n: int, unbiased: bool, what: str = "the batch") -> None:
     if unbiased and n < 4:
         raise ValueError(
@@ -884,7 +900,7 @@ def minibatch_cka_matrix(
                 f"batch {index}: xs has {n} examples but ys has {b.shape(layers_y[0])[0]}; both sides must see "
                 f"the same examples in the same order."
             )
-        if n < (4 if unbiased else 2):
+        if n < min_examples(unbiased):
             skipped.append(index)
             continue
         if state is None:
@@ -896,13 +912,7 @@ def minibatch_cka_matrix(
             raise ValueError(f"batch {index}: {error}") from None
     if next(batches_y, None) is not None:
         raise ValueError(f"ys has more batches than xs ({index + 1}); pass the same batches to both.")
-    if skipped:
-        warnings.warn(
-            f"skipped batch(es) {skipped} with fewer than {4 if unbiased else 2} examples: the "
-            f"{'unbiased ' if unbiased else ''}HSIC estimator is undefined there.",
-            UserWarning,
-            stacklevel=2,
-        )
+    warn_skipped_batches(skipped, unbiased, stacklevel=2)
     if state is None:
         raise ValueError(
             "no batch with at least 4 examples to compute minibatch CKA from; pass larger batches."

@@ -139,7 +139,7 @@ def _update_step(
     delta = core._update_from_grams_impl(zero, grams_x, grams_y, n, unbiased)
     # Fewer valid rows than the estimator needs (an all-padding batch): add nothing, like the
     # core skips such batches; ``where`` also drops the NaN of the 0/0 such a batch computes.
-    enough = delta.n_examples >= (4 if unbiased else 2)
+    enough = delta.n_examples >= core.min_examples(unbiased)
     delta = CKAState(*(jnp.where(enough, d, jnp.zeros_like(d)) for d in delta))
     return _add(state, delta)
 

@@ -654,8 +654,7 @@ class CKA:
         reduce: str | Mapping[str, str] | None = None,
         progress: bool = True,
     ) -> None:
-        if kernel not in core.KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; valid kernels: {', '.join(core.KERNELS)}.")
+        core._check_kernel(kernel)
         self.device = torch.device(device) if device is not None else None
         self.kernel, self.unbiased, self.sigma, self.sigma_frac = kernel, bool(unbiased), sigma, sigma_frac
         self.progress = progress
@@ -855,17 +854,11 @@ class CKA:
         if is_distributed():
             accumulator.all_reduce(self.device if self.device is not None else self._home_device())
         state, first_bad, skipped = accumulator.state, accumulator.first_bad, accumulator.skipped
-        if skipped:
-            warnings.warn(
-                f"skipped batch(es) {skipped} with fewer than {4 if self.unbiased else 2} examples: the "
-                f"{'unbiased ' if self.unbiased else ''}HSIC estimator is undefined there.",
-                UserWarning,
-                stacklevel=3,
-            )
+        core.warn_skipped_batches(skipped, self.unbiased, stacklevel=3)
         if state is None:
             if skipped:
                 raise ValueError(
-                    f"no batch with at least {4 if self.unbiased else 2} examples (skipped {skipped}); "
+                    f"no batch with at least {core.min_examples(self.unbiased)} examples (skipped {skipped}); "
                     f"use a larger batch size."
                 )
             raise ValueError("dataloader1 yielded no batches; pass a loader with at least one batch of 4+ examples.")
@@ -968,7 +961,7 @@ class _Accumulator:
 
     def __init__(self, n_layers1: int, n_layers2: int, unbiased: bool) -> None:
         self.shape, self.unbiased = (n_layers1, n_layers2), unbiased
-        self.min_n = 4 if unbiased else 2
+        self.min_n = core.min_examples(unbiased)
         self.state: core.CKAState | None = None
         self.first_bad: list[torch.Tensor] = []  # (L1,), (L2,) int64: first bad batch or -1
         self.skipped: list[int] = []
@@ -1005,10 +998,15 @@ class _Accumulator:
             if self.state is None:
                 self.state = core.init_state(*self.shape, like=grams1)
                 self.first_bad = [torch.full((g.shape[0],), -1, dtype=torch.int64, device=g.device) for g in (grams1, grams2)]
-            for k, g in enumerate((grams1, grams2)):
-                bad = ~torch.isfinite(g).flatten(1).all(dim=1)
-                self.first_bad[k] = torch.where(bad & (self.first_bad[k] < 0), index, self.first_bad[k])
+            previous = self.state
             self.state = core.update_state_from_grams(self.state, grams1, grams2, unbiased=self.unbiased)
+            # NaN/Inf anywhere in a layer's Gram reaches its self term HSIC(K, K) (see
+            # cka.core._update_impl): the L1 + L2 self-term increments flag the bad layers, with no
+            # extra pass over the (L, n, n) Grams
+            increments = (self.state.hsic_xx - previous.hsic_xx, self.state.hsic_yy - previous.hsic_yy)
+            for k, increment in enumerate(increments):
+                bad = ~torch.isfinite(increment)
+                self.first_bad[k] = torch.where(bad & (self.first_bad[k] < 0), index, self.first_bad[k])
 
 
 class _Checkpointer:
