@@ -97,6 +97,7 @@ import json, sys
 import numpy as np
 import jax, jax.numpy as jnp
 from cka import core
+from cka import state as engine
 from cka.frontends import jax as ckj
 
 rows = []
@@ -110,14 +111,14 @@ for n, d, batches in [(64, 1024, 8), (256, 4096, 4), (256, 16384, 2), (128, 6553
         xs.append([np.maximum(a @ w + 1.0 + 0.5 * rng.standard_normal((n, d), dtype=np.float32), 0)
                    for a, w in zip(zs, weights)])
     ys = [b[::-1] for b in xs]
-    reference = core.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in xs],
+    reference = engine.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in xs],
                                           [[a.astype(np.float64) for a in b] for b in ys])
     state = ckj.init(3, 3)
     for bx, by in zip(xs, ys):
         state = ckj.update(state, [jnp.asarray(a) for a in bx], [jnp.asarray(a) for a in by])
     row = {"n": n, "d": d, "batches": batches, "error": float(np.abs(np.asarray(ckj.finalize(state)) - reference).max()),
            "min_cka": float(reference.min())}
-    reference = core.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in xs],
+    reference = engine.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in xs],
                                           [[a.astype(np.float64) for a in b] for b in ys], kernel="rbf")
     state = ckj.init(3, 3)
     for bx, by in zip(xs, ys):
@@ -132,7 +133,7 @@ small = []
 for _ in range(1000):
     z = rng.normal(size=(16, 8))
     small.append([np.maximum(z @ mix[i] + 1.0 + 0.3 * rng.normal(size=(16, 32)), 0).astype(np.float32) for i in range(2)])
-reference = core.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in small],
+reference = engine.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in small],
                                       [[a.astype(np.float64) for a in b[::-1]] for b in small])
 sx = [jnp.asarray(np.stack([b[i] for b in small])) for i in range(2)]
 sy = sx[::-1]
@@ -144,7 +145,7 @@ for target in (10**3, 10**4, 10**5, 10**6):
         state = ckj.scan_update(state, sx, sy)
         done += 1000
     drift.append({"batches": done, "compensated": float(np.abs(np.asarray(ckj.finalize(state)) - reference).max()),
-                  "plain": float(np.abs(np.asarray(core.finalize(state.sums)) - reference).max())})
+                  "plain": float(np.abs(np.asarray(engine.finalize(state.sums)) - reference).max())})
 print(json.dumps({"features": rows, "drift": drift}))
 """
 

@@ -1,6 +1,6 @@
 """Saving and loading accumulator states: a long run resumes after an interruption with nothing lost.
 
-A checkpoint holds a :class:`~cka.core.CKAState` (as float64 numpy arrays), the position of the run
+A checkpoint holds a :class:`~cka.state.CKAState` (as float64 numpy arrays), the position of the run
 (batches consumed) and a fingerprint of what was compared (models, layers, settings). The file is
 written atomically — to a temporary file in the same folder, flushed and fsync'ed, then renamed over
 the old one — so an interruption at any moment leaves either the previous good checkpoint or the new
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cka.backends import get_backend
-from cka.core import CKAState
+from cka.state import CKAState
 
 __all__ = ["Checkpoint", "CheckpointError", "save_state", "load_checkpoint", "load_state", "state_to_numpy", "state_like"]
 

@@ -1,6 +1,6 @@
 """Scaling out over ``torch.distributed``: shard the batches, accumulate, one all-reduce.
 
-The minibatch CKA sums (:class:`~cka.core.CKAState`) are additive, so each rank accumulates the
+The minibatch CKA sums (:class:`~cka.state.CKAState`) are additive, so each rank accumulates the
 batches of its shard and one all-reduce (sum) of the small accumulators gives every rank the state of
 the whole run — equal to a single process over the same batches up to float64 rounding.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from cka.core import CKAState
+from cka.state import CKAState
 
 __all__ = ["is_distributed", "rank_and_world_size", "shard_batches", "all_reduce_state"]
 

@@ -15,6 +15,7 @@ jnp = jax.numpy
 jax.config.update("jax_enable_x64", True)  # as tests/conftest.py does for the whole suite
 
 from cka import core  # noqa: E402
+from cka import state as engine  # noqa: E402
 from cka.frontends import _jax_stream as stream  # noqa: E402
 from cka.frontends import jax as ckj  # noqa: E402
 
@@ -56,7 +57,7 @@ def _run_updates(xs: list, ys: list, size: int, **settings) -> ckj.CompensatedCK
 def test_update_equals_numpy_float64_reference(kernel: str, unbiased: bool) -> None:
     rng = np.random.default_rng(1)
     xs, ys = _batches(rng, [N, N, N, 9])  # a ragged last batch, padded to N
-    reference = core.minibatch_cka_matrix(xs, ys, kernel=kernel, unbiased=unbiased)
+    reference = engine.minibatch_cka_matrix(xs, ys, kernel=kernel, unbiased=unbiased)
     state = _run_updates(xs, ys, N, kernel=kernel, unbiased=unbiased)
     assert state.sums.hsic_xy.dtype == jnp.float64
     matrix = np.asarray(ckj.finalize(state))
@@ -75,7 +76,7 @@ def test_ragged_last_batch_reuses_the_compiled_update() -> None:
     # no mask at all is the same program as an all-true mask
     state = ckj.update(state, [jnp.asarray(a) for a in xs[0]], [jnp.asarray(a) for a in ys[0]])
     assert stream._update_jit._cache_size() == compiled
-    reference = core.minibatch_cka_matrix(xs + xs[:1], ys + ys[:1])
+    reference = engine.minibatch_cka_matrix(xs + xs[:1], ys + ys[:1])
     np.testing.assert_allclose(np.asarray(ckj.finalize(state)), reference, rtol=0, atol=EXACT)
 
 
@@ -89,7 +90,7 @@ def test_scan_update_equals_one_update_per_batch() -> None:
     looped = _run_updates(xs, ys, N)
     for a, b in zip(ckj.to_core_state(scanned), ckj.to_core_state(looped)):  # XLA may fuse differently: rounding
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=0)
-    np.testing.assert_allclose(np.asarray(ckj.finalize(scanned)), core.minibatch_cka_matrix(xs, ys), rtol=0, atol=EXACT)
+    np.testing.assert_allclose(np.asarray(ckj.finalize(scanned)), engine.minibatch_cka_matrix(xs, ys), rtol=0, atol=EXACT)
 
 
 def test_update_and_a_whole_loop_work_under_jit() -> None:
@@ -106,9 +107,9 @@ def test_update_and_a_whole_loop_work_under_jit() -> None:
         return ckj.finalize(state)
 
     jitted_update = jax.jit(ckj.update)(ckj.init(2, 2), [jnp.asarray(a) for a in xs[0]], [jnp.asarray(a) for a in ys[0]])
-    np.testing.assert_allclose(np.asarray(pipeline(stacked_x, stacked_y, masks)), core.minibatch_cka_matrix(xs, ys),
+    np.testing.assert_allclose(np.asarray(pipeline(stacked_x, stacked_y, masks)), engine.minibatch_cka_matrix(xs, ys),
                                rtol=0, atol=EXACT)
-    np.testing.assert_allclose(np.asarray(ckj.finalize(jitted_update)), core.minibatch_cka_matrix(xs[:1], ys[:1]),
+    np.testing.assert_allclose(np.asarray(ckj.finalize(jitted_update)), engine.minibatch_cka_matrix(xs[:1], ys[:1]),
                                rtol=0, atol=EXACT)
 
 
@@ -121,7 +122,7 @@ def test_vmap_over_independent_comparisons_equals_a_loop() -> None:
     assert states.sums.hsic_xy.shape == (4, 1, 1)
     matrices = jax.vmap(ckj.finalize)(states)
     for s in range(4):
-        expected = core.minibatch_cka_matrix([[np.asarray(x)]], [[np.asarray(ys[s])]])
+        expected = engine.minibatch_cka_matrix([[np.asarray(x)]], [[np.asarray(ys[s])]])
         np.testing.assert_allclose(np.asarray(matrices[s]), expected, rtol=0, atol=EXACT)
 
 
@@ -134,7 +135,7 @@ def test_merge_of_two_halves_equals_one_pass() -> None:
     np.testing.assert_allclose(np.asarray(ckj.finalize(merged)), np.asarray(ckj.finalize(whole)), rtol=0, atol=1e-14)
     assert float(merged.sums.n_batches) == 5
     core_state = ckj.to_core_state(merged)  # interoperates with the core's finalize
-    np.testing.assert_allclose(np.asarray(core.finalize(core_state)), core.minibatch_cka_matrix(xs, ys), atol=EXACT)
+    np.testing.assert_allclose(np.asarray(engine.finalize(core_state)), engine.minibatch_cka_matrix(xs, ys), atol=EXACT)
 
 
 @pytest.mark.parametrize("valid", [0, 3])
@@ -177,8 +178,8 @@ def test_errors_name_the_problem_and_the_fix() -> None:
         ckj.update(state, x, [x])
     with pytest.raises(ValueError, match="unknown kernel 'rfb'"):
         ckj.update(state, [x], [x], kernel="rfb")
-    with pytest.raises(TypeError, match="CompensatedCKAState.*cka.core.CKAState"):
-        ckj.update(core.init_state(1, 1, like=x), [x], [x])
+    with pytest.raises(TypeError, match="CompensatedCKAState.*cka.state.CKAState"):
+        ckj.update(engine.init_state(1, 1, like=x), [x], [x])
     with pytest.raises(ValueError, match="different layers"):
         ckj.merge(state, ckj.init(2, 1))
     with pytest.raises(ValueError, match="does not fit the static size 4"):
@@ -194,7 +195,7 @@ def test_core_masked_update_ignores_padding_even_nan(framework: str) -> None:
     # the mask path of cka.core that update() builds on: padded rows, whatever they hold, add nothing
     rng = np.random.default_rng(9)
     xs, ys = _batches(rng, [11])
-    reference = core.minibatch_cka_matrix(xs, ys, kernel="rbf", unbiased=False)
+    reference = engine.minibatch_cka_matrix(xs, ys, kernel="rbf", unbiased=False)
     convert = {"numpy": np.asarray, "jax": jnp.asarray}.get(framework)
     if convert is None:
         torch = pytest.importorskip("torch")
@@ -202,8 +203,8 @@ def test_core_masked_update_ignores_padding_even_nan(framework: str) -> None:
     mask = np.arange(N) < 11
     padded = [[np.where(mask.reshape(-1, *[1] * (a.ndim - 1)), np.resize(a, (N, *a.shape[1:])), np.nan) for a in side]
               for side in (xs[0], ys[0])]
-    state = core.init_state(2, 2, like=convert(np.zeros(1)))
-    state = core.update_state(state, [convert(a) for a in padded[0]], [convert(a) for a in padded[1]],
+    state = engine.init_state(2, 2, like=convert(np.zeros(1)))
+    state = engine.update_state(state, [convert(a) for a in padded[0]], [convert(a) for a in padded[1]],
                               mask=convert(mask), kernel="rbf", unbiased=False)
-    matrix = core.finalize(state)
+    matrix = engine.finalize(state)
     np.testing.assert_allclose(np.asarray(matrix.cpu() if framework == "torch" else matrix), reference, atol=EXACT)

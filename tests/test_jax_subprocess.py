@@ -44,6 +44,7 @@ import numpy as np
 import jax, jax.numpy as jnp
 from cka.frontends import jax as ckj
 from cka import core
+from cka import state as engine
 
 out = {"x64": bool(jax.config.jax_enable_x64), "imports": sorted(m for m in ("torch", "flax") if m in sys.modules)}
 rng = np.random.default_rng(0)
@@ -59,7 +60,7 @@ for _ in range(n_batches):
               for latent, w in zip((z, z2), weights)]
     xs.append(layers)
     ys.append([np.maximum(layers[0][:, : d // 2] * 2 - 0.5, 0), layers[1]])
-reference = core.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in xs],
+reference = engine.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in xs],
                                       [[a.astype(np.float64) for a in b] for b in ys])
 state = ckj.init(2, 2)
 for bx, by in zip(xs, ys):
@@ -68,7 +69,7 @@ out["dtype"] = str(state.sums.hsic_xy.dtype)
 out["features_error"] = float(np.abs(np.asarray(ckj.finalize(state)) - reference).max())
 out["reference_min"] = float(reference.min())
 # the RBF kernel (entries in (0, 1], a large mean: its Grams are double-centred before the HSIC terms)
-reference = core.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in xs],
+reference = engine.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in xs],
                                       [[a.astype(np.float64) for a in b] for b in ys], kernel="rbf")
 state = ckj.init(2, 2)
 for bx, by in zip(xs, ys):
@@ -84,7 +85,7 @@ for _ in range(distinct):
     z = rng.normal(size=(n, 8))
     small.append([np.maximum(z @ mix[i] + 1.0 + 0.3 * rng.normal(size=(n, d)), 0).astype(np.float32) for i in range(2)])
 swapped = [[b[1], b[0]] for b in small]
-reference = core.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in small],
+reference = engine.minibatch_cka_matrix([[a.astype(np.float64) for a in b] for b in small],
                                       [[a.astype(np.float64) for a in b] for b in swapped])
 stacked_x = [jnp.asarray(np.stack([b[i] for b in small])) for i in range(2)]  # (1000, 16, 32) each
 stacked_y = stacked_x[::-1]
@@ -94,7 +95,7 @@ for _ in range(50):
 out["n_batches"] = float(state.sums.n_batches) + float(state.compensation.n_batches)
 out["many_batches_error"] = float(np.abs(np.asarray(ckj.finalize(state)) - reference).max())
 # the same sums without their compensation: plain float32 accumulation
-out["uncompensated_error"] = float(np.abs(np.asarray(core.finalize(state.sums)) - reference).max())
+out["uncompensated_error"] = float(np.abs(np.asarray(engine.finalize(state.sums)) - reference).max())
 print(json.dumps(out))
 """
 
@@ -119,13 +120,14 @@ import jax, jax.numpy as jnp
 jax.config.update("jax_enable_x64", True)
 from jax.sharding import NamedSharding, PartitionSpec as P
 from cka import core
+from cka import state as engine
 from cka.frontends import jax as ckj
 
 rng = np.random.default_rng(0)
 sizes = [16, 16, 16, 16, 11]  # 5 batches, the last ragged
 xs = [[np.maximum(rng.normal(size=(n, 12)) + 1, 0), rng.normal(size=(n, 3, 4))] for n in sizes]
 ys = [[np.tanh(b[0] @ rng.normal(size=(12, 7))) + 0.1 * rng.normal(size=(n, 7))] for b, n in zip(xs, sizes)]
-reference = core.minibatch_cka_matrix(xs, ys)
+reference = engine.minibatch_cka_matrix(xs, ys)
 # 5 batches do not split over 2 devices: a sixth, all padding (mask all false), adds nothing
 empty_x, empty_y = [np.zeros((0, 12)), np.zeros((0, 3, 4))], [np.zeros((0, 7))]
 stacked_x, masks = ckj.stack_batches(xs + [empty_x], size=16)

@@ -1,8 +1,8 @@
 r"""The JAX streaming state behind :mod:`cka.frontends.jax` (import it from there).
 
-A compensated :class:`~cka.core.CKAState` (sums plus their rounding errors) with jitted, pure
+A compensated :class:`~cka.state.CKAState` (sums plus their rounding errors) with jitted, pure
 ``init / update / scan_update / merge / psum / finalize``; padding helpers for ragged batches. The
-per-batch HSIC terms are the core's (:func:`cka.core._gram_impl`, :func:`cka.core._update_from_grams_impl`);
+per-batch HSIC terms are the core's (:func:`cka.core._gram_impl`, :func:`cka.state._update_from_grams_impl`);
 this module adds masks, compensation and the jit/scan/shard_map plumbing.
 """
 
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cka import core
-from cka.core import CKAState
+from cka import state as engine
+from cka.state import CKAState
 
 Array = Any
 
@@ -49,7 +50,7 @@ class CompensatedCKAState(NamedTuple):
     ----------
     sums : CKAState
         Running sums :math:`\sum_b \mathrm{HSIC}(K_b^{(i)}, L_b^{(j)})` ``(L1, L2)``, the self terms
-        ``(L1,)``, ``(L2,)``, examples and batches (0-d), as in :class:`cka.core.CKAState`.
+        ``(L1,)``, ``(L2,)``, examples and batches (0-d), as in :class:`cka.state.CKAState`.
     compensation : CKAState
         The rounding error of every addition so far, accumulated (same shapes). Without it,
         float32 sums drift by about ``eps * n_batches`` (1e-4 relative after 10^6 batches).
@@ -74,7 +75,7 @@ def init(n_layers_x: int, n_layers_y: int) -> CompensatedCKAState:
     for name, value in (("n_layers_x", n_layers_x), ("n_layers_y", n_layers_y)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int (a number of layers); got {value!r}.")
-    zeros = core.init_state(int(n_layers_x), int(n_layers_y), like=jnp.zeros((), _accumulator_dtype()))
+    zeros = engine.init_state(int(n_layers_x), int(n_layers_y), like=jnp.zeros((), _accumulator_dtype()))
     return CompensatedCKAState(zeros, zeros)
 
 
@@ -101,7 +102,7 @@ def _add(state: CompensatedCKAState, delta: CKAState, compensation: CKAState | N
 
 
 def to_core_state(state: CompensatedCKAState) -> CKAState:
-    """The compensated sums folded into a plain :class:`cka.core.CKAState` (``sums + compensation``),
+    """The compensated sums folded into a plain :class:`cka.state.CKAState` (``sums + compensation``),
     e.g. to merge with a state from PyTorch (after ``numpy.asarray``) or to save it."""
     _check_state(state)
     return CKAState(*(s + c for s, c in zip(state.sums, state.compensation)))
@@ -110,8 +111,8 @@ def to_core_state(state: CompensatedCKAState) -> CKAState:
 def _check_state(state: Any, name: str = "state") -> None:
     if not isinstance(state, CompensatedCKAState):
         hint = (
-            " It is a cka.core.CKAState: the JAX functions keep compensated sums; start from "
-            "cka.frontends.jax.init(L1, L2), or use cka.core.update_state with core states."
+            " It is a cka.state.CKAState: the JAX functions keep compensated sums; start from "
+            "cka.frontends.jax.init(L1, L2), or use cka.state.update_state with core states."
             if isinstance(state, CKAState) else " Start from cka.frontends.jax.init(L1, L2)."
         )
         raise TypeError(f"{name} must be a CompensatedCKAState; got {type(state).__name__}.{hint}")
@@ -129,14 +130,14 @@ def _update_step(
     """One masked batch into ``state``; traceable (no value checks), the body of jit and scan."""
     # The per-batch terms are the core's (centred features, one Gram per layer, all pairs from one
     # product), added to a zero state so that nothing of the math is repeated here.
-    zero = core.init_state(len(xs), len(ys), like=state.sums.hsic_xy)
+    zero = engine.init_state(len(xs), len(ys), like=state.sums.hsic_xy)
     grams_x = [core._gram_impl(x, kernel, sigma, sigma_frac, mask) for x in xs]
     grams_y = [core._gram_impl(y, kernel, sigma, sigma_frac, mask) for y in ys]
     n = jnp.sum(mask.astype(zero.hsic_xy.dtype))
     if kernel != "linear":  # linear Grams of centred features are centred already
         grams_x = [_center_gram(k, mask, n) for k in grams_x]
         grams_y = [_center_gram(k, mask, n) for k in grams_y]
-    delta = core._update_from_grams_impl(zero, grams_x, grams_y, n, unbiased)
+    delta = engine._update_from_grams_impl(zero, grams_x, grams_y, n, unbiased)
     # Fewer valid rows than the estimator needs (an all-padding batch): add nothing, like the
     # core skips such batches; ``where`` also drops the NaN of the 0/0 such a batch computes.
     enough = delta.n_examples >= core.min_examples(unbiased)
@@ -418,7 +419,7 @@ def finalize(state: CompensatedCKAState) -> Array:
 @jax.jit
 def _finalize_jit(state: CompensatedCKAState) -> tuple[CKAState, Array]:
     total = CKAState(*(s + c for s, c in zip(state.sums, state.compensation)))
-    return total, core.finalize(total)
+    return total, engine.finalize(total)
 
 
 def _raise_if_not_finite(total: CKAState) -> None:
@@ -428,7 +429,7 @@ def _raise_if_not_finite(total: CKAState) -> None:
         raise ValueError(
             f"the accumulated HSIC sums hold NaN or Inf (layers xs{bad_x.tolist()} ys{bad_y.tolist()}): some "
             f"batch's features had NaN or Inf values. Find it with jax.debug_nans or by checking the features "
-            f"(e.g. cka.core.update_state checks every batch)."
+            f"(e.g. cka.state.update_state checks every batch)."
         )
 
 

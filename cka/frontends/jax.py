@@ -14,7 +14,7 @@ Streaming minibatch CKA (Nguyen et al. 2021) without leaving JAX:
 >>> bool(0.0 < float(matrix[0, 0]) <= 1.0)
 True
 
-The state is a :class:`CompensatedCKAState`: the core's :class:`~cka.core.CKAState` sums plus their
+The state is a :class:`CompensatedCKAState`: the core's :class:`~cka.state.CKAState` sums plus their
 rounding errors (compensated summation, Neumaier 1974 / Knuth's TwoSum), so the accumulated sums
 are as exact as one rounding of the true total whatever the number of batches. With
 ``jax_enable_x64`` the accumulators are float64; without it they are float32 and the result

@@ -879,7 +879,7 @@ class OnnxModel(FeatureExtractor):
             elif name in self._graph.subgraph_values:
                 problems.append(MappingProblem(name, "subgraph", self._subgraph_reason(name)))
             elif name in self._graph.graph_inputs:
-                problems.append(MappingProblem(name, "unknown", f"it is a graph input, not a computed value; inputs are the data you feed."))
+                problems.append(MappingProblem(name, "unknown", "it is a graph input, not a computed value; inputs are the data you feed."))
             else:
                 pool = sorted(graph_modules | set(torch_modules) | values)
                 matches = _close_matches(name, pool)
@@ -1227,11 +1227,11 @@ class OnnxModel(FeatureExtractor):
     def _reference_call_inputs(self) -> Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]:
         """``batch -> (args, kwargs)`` for the PyTorch model: the other side's ``inputs=`` hook when
         bound through :class:`cka.CKA`, else :func:`cka.frontends.torch.default_inputs`."""
-        from cka.frontends.torch import _call_arguments, default_inputs
+        from cka.frontends._common import call_arguments, default_inputs
 
         user = self._reference_inputs
         if user is not None:
-            return lambda batch: _call_arguments(user(batch))
+            return lambda batch: call_arguments(user(batch))
         return default_inputs
 
 
@@ -1378,7 +1378,7 @@ def _trace_reference(
     followers (see :class:`_Record`)."""
     import torch
 
-    from cka.frontends.torch import _module_device, _to_device, first_tensor
+    from cka.frontends._common import first_tensor, module_device, to_device
 
     calls: dict[str, list[_ModuleCall]] = {}
     followers: dict[tuple[str, int], list[_ModuleCall]] = {}
@@ -1421,8 +1421,8 @@ def _trace_reference(
                 handles.append(module.register_forward_hook(post_hook(name)))
         model.eval()
         args, kwargs = call_inputs(batch)
-        target = device if device is not None else _module_device(model)
-        args, kwargs = _to_device(args, target), _to_device(kwargs, target)
+        target = device if device is not None else module_device(model)
+        args, kwargs = to_device(args, target), to_device(kwargs, target)
         with torch.inference_mode():
             model(*args, **kwargs)
     finally:

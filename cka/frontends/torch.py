@@ -9,7 +9,7 @@ How it computes (DESIGN.md): a forward hook on each selected module turns the mo
 its ``(n, n)`` float64 Gram at once (first tensor of the output, optional einops reduction, features
 centred, Gram product in the feature dtype), so no layer's feature map outlives its hook: peak extra
 memory is ``O((L1 + L2) n^2)`` whatever the feature size. Per batch all ``L1 x L2`` HSIC values come
-from one matrix product (:func:`cka.core.update_state_from_grams`), accumulated in float64 on the
+from one matrix product (:func:`cka.state.update_state_from_grams`), accumulated in float64 on the
 device. Nothing is read back to the host until the end: NaN/Inf is tracked per layer on the device
 (first bad batch index) and reported after the loop.
 
@@ -26,10 +26,8 @@ a torchvision ``BasicBlock`` the block itself rather than its shared ``relu``) t
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,6 +39,18 @@ import torch
 from torch import nn
 
 from cka import core
+from cka import state as engine
+from cka.frontends._common import (
+    call_arguments,
+    close_matches,
+    default_inputs,
+    describe_spec,
+    first_tensor,
+    module_device,
+    per_layer,
+    reduce_features,
+    to_device,
+)
 from cka.frontends.base import FeatureExtractor
 from cka.result import CKAResult
 
@@ -130,22 +140,6 @@ def default_layers(model: nn.Module) -> list[str]:
     return leaves or [""]
 
 
-def _describe_spec(spec: Any) -> str:
-    if isinstance(spec, type):
-        return spec.__name__
-    if isinstance(spec, str):
-        return repr(spec)
-    return getattr(spec, "__name__", repr(spec))
-
-
-def _close_matches(name: str, names: Sequence[str]) -> str:
-    matches = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    if not matches:  # module paths: also try the last component, e.g. "conv" -> "layer1.0.conv1"
-        tail = name.rsplit(".", 1)[-1]
-        matches = [n for n in names if n.rsplit(".", 1)[-1].startswith(tail)][:5]
-    return f"close matches: {matches}" if matches else f"no close matches; some names: {list(names[:8])}"
-
-
 def select_layers(model: nn.Module, layers: Any = None, *, what: str = "layers") -> list[str]:
     """Resolve a layer selection against ``model.named_modules()``.
 
@@ -185,8 +179,8 @@ def select_layers(model: nn.Module, layers: Any = None, *, what: str = "layers")
     def add(name: str, spec: Any) -> None:
         if name in chosen:
             raise ValueError(
-                f"{what}: layer {name!r} is selected twice (by {_describe_spec(chosen[name])} and "
-                f"{_describe_spec(spec)}); each layer may appear once. Remove the duplicate."
+                f"{what}: layer {name!r} is selected twice (by {describe_spec(chosen[name])} and "
+                f"{describe_spec(spec)}); each layer may appear once. Remove the duplicate."
             )
         chosen[name] = spec
 
@@ -194,7 +188,7 @@ def select_layers(model: nn.Module, layers: Any = None, *, what: str = "layers")
         if isinstance(spec, str) and not (_GLOB_CHARACTERS & set(spec)):
             if spec not in modules:
                 raise ValueError(
-                    f"{what}: {type(model).__name__} has no module named {spec!r}; {_close_matches(spec, names)}. "
+                    f"{what}: {type(model).__name__} has no module named {spec!r}; {close_matches(spec, names)}. "
                     f"List the names with [n for n, _ in model.named_modules()]."
                 )
             add(spec, spec)
@@ -211,8 +205,8 @@ def select_layers(model: nn.Module, layers: Any = None, *, what: str = "layers")
                 f"callable (name, module) -> bool; got {type(spec).__name__} {spec!r}."
             )
         if not matched:
-            hint = _close_matches(spec, names) if isinstance(spec, str) else f"some names: {names[1:9]}"
-            raise ValueError(f"{what}: {_describe_spec(spec)} selects no module of {type(model).__name__}; {hint}.")
+            hint = close_matches(spec, names) if isinstance(spec, str) else f"some names: {names[1:9]}"
+            raise ValueError(f"{what}: {describe_spec(spec)} selects no module of {type(model).__name__}; {hint}.")
         for name in matched:
             add(name, spec)
     if not chosen:
@@ -223,25 +217,6 @@ def select_layers(model: nn.Module, layers: Any = None, *, what: str = "layers")
 # --------------------------------------------------------------------------------------------
 # Outputs and batches
 # --------------------------------------------------------------------------------------------
-
-
-def first_tensor(output: Any) -> torch.Tensor | None:
-    """The first tensor in a module output, depth first: the tensor itself, or the first one inside
-    a tuple, list, dict or Hugging Face ``ModelOutput`` (a dict of its non-``None`` fields in
-    declaration order, so ``last_hidden_state`` or ``logits``). ``None`` if there is none."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        values: Iterable[Any] = output.values()
-    elif isinstance(output, (tuple, list)):
-        values = output
-    else:
-        return None
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
 
 
 def _select_output(output: Any, selector: OutputSelector | None, layer: str) -> torch.Tensor:
@@ -261,64 +236,6 @@ def _select_output(output: Any, selector: OutputSelector | None, layer: str) -> 
             f"function of the output) that picks the tensor to compare."
         )
     return tensor
-
-
-def call_arguments(value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Model inputs as ``(args, kwargs)``: a tensor is one positional argument, a mapping keyword
-    arguments (as Hugging Face models expect), a tuple or list positional arguments."""
-    if isinstance(value, Mapping):
-        return (), dict(value)
-    if isinstance(value, (tuple, list)):
-        return tuple(value), {}
-    return (value,), {}
-
-
-_call_arguments = call_arguments  # the name the ONNX frontend imports
-
-
-def default_inputs(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Model inputs from a batch: a tensor is the input itself (never unpacked along the batch
-    axis); a dict is passed as keyword arguments; a tuple or list is ``(inputs, targets, ...)``, and
-    its first element is the input (a tensor, or a dict of keyword arguments)."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("got an empty tuple/list as a batch; expected (inputs, targets, ...).")
-        first = batch[0]
-        return ((), dict(first)) if isinstance(first, Mapping) else ((first,), {})
-    return call_arguments(batch)
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples, lists and dicts to ``device`` (asynchronously)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
-        return type(value)(*(_to_device(v, device) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _per_layer(value: Any, layers: Sequence[str], what: str) -> list[Any]:
-    """A setting given once for all layers, or as ``{layer name: setting}`` (others get None)."""
-    if not isinstance(value, Mapping):
-        return [value] * len(layers)
-    unknown = [k for k in value if k not in layers]
-    if unknown:
-        raise ValueError(
-            f"{what} names layer(s) {unknown} that are not selected; {_close_matches(str(unknown[0]), layers)}."
-        )
-    return [value.get(name) for name in layers]
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,8 +297,8 @@ class TorchModel(FeatureExtractor):
         self._layers = select_layers(module, layers, what=what)
         named = dict(module.named_modules(remove_duplicate=False))
         self._modules = [named[layer] for layer in self._layers]
-        self._outputs = _per_layer(output, self._layers, "output")
-        self._reductions = _per_layer(reduce, self._layers, "reduce")
+        self._outputs = per_layer(output, self._layers, "output")
+        self._reductions = per_layer(reduce, self._layers, "reduce")
         self._inputs = inputs
         self.device = torch.device(device) if device is not None else None
         self._entered = 0
@@ -423,7 +340,7 @@ class TorchModel(FeatureExtractor):
 
     def input_device(self) -> torch.device:
         """Where this module's inputs go: ``device`` if given, else the module's first parameter's."""
-        return self.device if self.device is not None else _module_device(self.module)
+        return self.device if self.device is not None else module_device(self.module)
 
     # -- Set-up and tear-down ------------------------------------------------------------------
 
@@ -472,7 +389,7 @@ class TorchModel(FeatureExtractor):
                 return
             tensor = _select_output(output, selector, layer)
             if pattern is not None:
-                tensor = _reduce(tensor, pattern, layer)
+                tensor = reduce_features(tensor, pattern, layer)
             if tensor.dim() == 0:
                 raise ValueError(f"layer {layer!r} produced a scalar; CKA needs one feature vector per example.")
             self._results[index] = self._transform(tensor)
@@ -485,7 +402,7 @@ class TorchModel(FeatureExtractor):
                 call_arguments(self._inputs(batch)) if self._inputs is not None else default_inputs(batch)
             )
             device = self.input_device()
-            args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+            args, kwargs = to_device(args, device), to_device(kwargs, device)
             self._results = [None] * len(self._layers)
             self._calls = [0] * len(self._layers)
             self._transform = transform
@@ -511,24 +428,6 @@ class TorchModel(FeatureExtractor):
 def _restore_training(training: Mapping[nn.Module, bool]) -> None:
     for module, flag in training.items():
         module.training = flag
-
-
-@functools.lru_cache(maxsize=None)
-def _einops_reduce() -> Callable[..., Any]:
-    from einops import reduce
-
-    return reduce
-
-
-def _reduce(tensor: torch.Tensor, pattern: str, layer: str) -> torch.Tensor:
-    """``einops.reduce(tensor, pattern, "mean")`` with the layer and shape in any error."""
-    try:
-        return _einops_reduce()(tensor, pattern, "mean")
-    except Exception as error:  # einops raises EinopsError; re-raise at the boundary with context
-        raise ValueError(
-            f"layer {layer!r}: reduce pattern {pattern!r} does not fit its output of shape "
-            f"{tuple(tensor.shape)}: {error}"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -828,7 +727,7 @@ class CKA:
         """Where a rank that saw no batch keeps its (zero) sums for the all-reduce."""
         for side in (self._side1, self._side2):
             if isinstance(side.extractor, TorchModel):
-                return _module_device(side.extractor.module)
+                return module_device(side.extractor.module)
         return torch.device("cpu")
 
     def _stack(self, side: _Side, grams: Sequence[Any], device: torch.device, what: str, index: int) -> torch.Tensor:
@@ -874,7 +773,7 @@ class CKA:
                     f"features in {where} (first seen); check the model and that batch's data."
                 )
         hsic_xx, hsic_yy = state.hsic_xx.cpu(), state.hsic_yy.cpu()
-        matrix = core.finalize(state).cpu()
+        matrix = engine.finalize(state).cpu()
         self._warn_about(matrix, hsic_xx, hsic_yy)
         extractors = dict.fromkeys([self._side1.extractor, self._side2.extractor])
         repeated = {k: v for e in extractors if isinstance(e, TorchModel) for k, v in e.repeated_calls.items()}
@@ -955,14 +854,14 @@ _END = object()
 
 
 class _Accumulator:
-    """The running sums of one comparison (a :class:`cka.core.CKAState` on the device), the batches
+    """The running sums of one comparison (a :class:`cka.state.CKAState` on the device), the batches
     skipped for having too few examples, and per layer the first batch with NaN/Inf, tracked on
     the device so that no batch waits for the host."""
 
     def __init__(self, n_layers1: int, n_layers2: int, unbiased: bool) -> None:
         self.shape, self.unbiased = (n_layers1, n_layers2), unbiased
         self.min_n = core.min_examples(unbiased)
-        self.state: core.CKAState | None = None
+        self.state: engine.CKAState | None = None
         self.first_bad: list[torch.Tensor] = []  # (L1,), (L2,) int64: first bad batch or -1
         self.skipped: list[int] = []
 
@@ -977,7 +876,7 @@ class _Accumulator:
 
         rank, self.world_size = rank_and_world_size()
         if self.state is None:  # a rank with no batch still takes part, with zeros
-            self.state = core.init_state(*self.shape, like=torch.zeros((), device=device))
+            self.state = engine.init_state(*self.shape, like=torch.zeros((), device=device))
             self.first_bad = [torch.full((size,), -1, dtype=torch.int64, device=device) for size in self.shape]
         self.state = all_reduce_state(self.state)
         never = torch.iinfo(torch.int64).max
@@ -996,12 +895,12 @@ class _Accumulator:
             return
         with torch.inference_mode():
             if self.state is None:
-                self.state = core.init_state(*self.shape, like=grams1)
+                self.state = engine.init_state(*self.shape, like=grams1)
                 self.first_bad = [torch.full((g.shape[0],), -1, dtype=torch.int64, device=g.device) for g in (grams1, grams2)]
             previous = self.state
-            self.state = core.update_state_from_grams(self.state, grams1, grams2, unbiased=self.unbiased)
+            self.state = engine.update_state_from_grams(self.state, grams1, grams2, unbiased=self.unbiased)
             # NaN/Inf anywhere in a layer's Gram reaches its self term HSIC(K, K) (see
-            # cka.core._update_impl): the L1 + L2 self-term increments flag the bad layers, with no
+            # cka.state._update_impl): the L1 + L2 self-term increments flag the bad layers, with no
             # extra pass over the (L, n, n) Grams
             increments = (self.state.hsic_xx - previous.hsic_xx, self.state.hsic_yy - previous.hsic_yy)
             for k, increment in enumerate(increments):
@@ -1044,7 +943,7 @@ class _Checkpointer:
         from cka.checkpoint import save_state
 
         started = accumulator.state is not None
-        state = accumulator.state if started else core.init_state(*accumulator.shape, like=torch.zeros(()))
+        state = accumulator.state if started else engine.init_state(*accumulator.shape, like=torch.zeros(()))
         extra = {
             "skipped": accumulator.skipped,
             "started": started,
@@ -1085,7 +984,7 @@ def _check_per_layer_keys(options: Mapping[str, Any], layers: Sequence[str]) -> 
             if unknown:
                 raise ValueError(
                     f"{key} names layer(s) {unknown} that are not selected on either side; "
-                    f"{_close_matches(str(unknown[0]), list(dict.fromkeys(layers)))}."
+                    f"{close_matches(str(unknown[0]), list(dict.fromkeys(layers)))}."
                 )
 
 
