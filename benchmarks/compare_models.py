@@ -101,27 +101,36 @@ def layer_sets(model: nn.Module) -> dict[str, list[str]]:
     return {"blocks": blocks, "leaves": leaves}
 
 
-def build(device: str, workdir: Path, examples: int = N_EXAMPLES) -> None:
-    """Models with BatchNorm statistics from train-mode batches, and the data, saved for the workers."""
+def build(device: str, workdir: Path, examples: int = N_EXAMPLES, models: str = "auto", batch: int = BATCH) -> str:
+    """Models with BatchNorm statistics from train-mode batches, and the data, saved for the workers.
+    ``models``: "torchvision" (ResNet-18/34 at 224 x 224), "cifar" (the models above at 32 x 32) or
+    "auto" (torchvision on CUDA when it imports, else cifar). Returns the choice made."""
     torch.manual_seed(0)
     size = 32
+    use_torchvision = models == "torchvision" or (models == "auto" and device == "cuda")
     try:
-        if device != "cuda":
+        if not use_torchvision:
             raise ImportError
         import torchvision
 
         m1, m2, size = torchvision.models.resnet18(), torchvision.models.resnet34(), 224
+        chosen = "torchvision ResNet-18 vs ResNet-34, 224 x 224"
     except ImportError:
+        if models == "torchvision":
+            raise
         m1, m2 = CifarResNet((2, 2, 2, 2)), CifarResNet((3, 4, 6, 3))
+        chosen = "ResNet-18-like vs ResNet-34-like, 32 x 32"
+
     x = torch.randn(examples, 3, size, size, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 10, (examples,), generator=torch.Generator().manual_seed(2))
     for m in (m1, m2):
         m.to(device).train()
         with torch.no_grad():
-            for chunk in x[:4 * BATCH].split(BATCH):
+            for chunk in x[:4 * batch].split(batch):
                 m(chunk.to(device))
         m.eval().cpu()
     torch.save({"m1": m1, "m2": m2, "x": x, "y": y}, workdir / "setup.pt")
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,12 +152,16 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     m1, m2 = setup["m1"].to(device).eval(), setup["m2"].to(device).eval()
     layers1, layers2 = layer_sets(m1)[args.set], layer_sets(m2)[args.set]
-    n_batches = args.batches
-    dataset = torch.utils.data.TensorDataset(setup["x"][: n_batches * BATCH], setup["y"][: n_batches * BATCH])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH)
-    warmup = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(setup["x"][:BATCH], setup["y"][:BATCH]), batch_size=BATCH)
+    n_batches, batch = args.batches, args.batch
+    # TF32 off unless a method asks for it (cka's gram_precision="tf32" switches it on around its own
+    # products only): the floor and every method run the models in full float32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dataset = torch.utils.data.TensorDataset(setup["x"][: n_batches * batch], setup["y"][: n_batches * batch])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
+    warmup = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(setup["x"][:batch], setup["y"][:batch]), batch_size=batch)
     run = METHODS[args.worker]
-    if args.worker == "cka":  # imports outside the timed region
+    if args.worker.startswith("cka"):  # imports outside the timed region
         sys.path.insert(0, str(REPO))
         import cka.frontends.torch  # noqa: F401
     elif args.worker == "pytorch-cka":
@@ -197,10 +210,20 @@ def run_floor(m1, m2, layers1, layers2, loader, device):
     return None
 
 
-def run_cka(m1, m2, layers1, layers2, loader, device):
+def run_cka(m1, m2, layers1, layers2, loader, device, gram_precision="highest"):
     from cka import CKA
 
-    return CKA(m1, m2, model1_layers=layers1, model2_layers=layers2, device=device, progress=False).compare(loader).matrix
+    comparison = CKA(m1, m2, model1_layers=layers1, model2_layers=layers2, device=device, progress=False,
+                     gram_precision=gram_precision)
+    return comparison.compare(loader).matrix
+
+
+def run_cka_tf32(m1, m2, layers1, layers2, loader, device):
+    return run_cka(m1, m2, layers1, layers2, loader, device, gram_precision="tf32")
+
+
+def run_cka_bf16(m1, m2, layers1, layers2, loader, device):
+    return run_cka(m1, m2, layers1, layers2, loader, device, gram_precision="bf16")
 
 
 def run_torch_cka(m1, m2, layers1, layers2, loader, device):
@@ -262,7 +285,8 @@ def run_reference(m1, m2, layers1, layers2, loader, device):
 
 
 METHODS = {
-    "floor": run_floor, "cka": run_cka, "torch_cka": run_torch_cka, "pytorch-cka": run_pytorch_cka,
+    "floor": run_floor, "cka": run_cka, "cka-tf32": run_cka_tf32, "cka-bf16": run_cka_bf16,
+    "torch_cka": run_torch_cka, "pytorch-cka": run_pytorch_cka,
     "reference": run_reference,
 }
 
@@ -272,12 +296,19 @@ METHODS = {
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_pcka_venv(python: Path) -> bool:
+def ensure_pcka_venv(python: Path, wheel: str | None = None) -> bool:
+    """A venv for pytorch-cka (its import name is also ``cka``). With ``wheel`` (no network: the GPU
+    script), the venv sees this interpreter's packages (torch, numpy, matplotlib, tqdm) and gets the
+    wheel alone; otherwise it installs the CPU torch pin and pytorch-cka from the index."""
     if python.exists():
         return True
     if python != PCKA_VENV / "bin" / "python":
         return False
     print(f"creating {PCKA_VENV} for pytorch-cka ...", file=sys.stderr)
+    if wheel:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(PCKA_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", wheel], check=True)
+        return True
     subprocess.run([sys.executable, "-m", "venv", str(PCKA_VENV)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}", "pytorch-cka"], check=True)
     return True
@@ -285,7 +316,7 @@ def ensure_pcka_venv(python: Path) -> bool:
 
 def launch(python: str, method: str, layer_set: str, args: argparse.Namespace, batches: int, repeats: int) -> dict:
     command = [python, str(Path(__file__).resolve()), "--worker", method, "--set", layer_set, "--workdir", args.workdir,
-               "--device", args.device, "--batches", str(batches), "--repeats", str(repeats)]
+               "--device", args.device, "--batches", str(batches), "--repeats", str(repeats), "--batch", str(args.batch)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=args.timeout)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
@@ -297,11 +328,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=N_EXAMPLES, help="a multiple of 128; times scale linearly")
+    parser.add_argument("--examples", type=int, default=N_EXAMPLES, help="a multiple of --batch; times scale linearly")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--models", default="auto", choices=("auto", "cifar", "torchvision"))
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    parser.add_argument("--markdown", help="also write the table to this path")
     parser.add_argument("--sets", default="blocks,leaves")
     parser.add_argument("--methods", default="floor,cka,pytorch-cka,torch_cka")
     parser.add_argument("--slow-batches", type=int, default=1, help="batches for torch_cka on the leaf set")
     parser.add_argument("--pcka-python", default=str(PCKA_VENV / "bin" / "python"))
+    parser.add_argument("--pcka-wheel", help="install pytorch-cka from this wheel file (no network)")
     parser.add_argument("--timeout", type=float, default=1200)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--set", help=argparse.SUPPRESS)
@@ -313,10 +349,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         args.workdir = workdir
-        build(args.device, Path(workdir), args.examples)
-        full = args.examples // BATCH
+        args.model_pair = build(args.device, Path(workdir), args.examples, args.models, args.batch)
+        full = args.examples // args.batch
         methods = args.methods.split(",")
-        pcka = "pytorch-cka" in methods and ensure_pcka_venv(Path(args.pcka_python))
+        pcka = "pytorch-cka" in methods and ensure_pcka_venv(Path(args.pcka_python), args.pcka_wheel)
         rows = []
         for layer_set in args.sets.split(","):
             launch(sys.executable, "reference", layer_set, args, full, 1)
@@ -361,21 +397,40 @@ def main() -> None:
 
 
 def print_table(rows, args) -> None:
-    print(f"\n{args.device}, {torch.get_num_threads()} threads, {args.examples} examples, batch {BATCH}, "
-          f"median of {args.repeats}\n")
-    print("| layers | method | time (s) | x floor | peak memory (MB) | max deviation from float64 |")
-    print("|---|---|---:|---:|---:|---:|")
+    lines = table_lines(rows, args)
+    print("\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+    if args.json:
+        payload = {
+            "device": args.device, "models": args.model_pair, "examples": args.examples, "batch": args.batch,
+            "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "rows": [{"layers": layer_set, "shape": list(shape), "results": results} for layer_set, shape, results in rows],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+
+
+def table_lines(rows, args) -> list[str]:
+    memory = "peak GPU memory beyond the floor's (MB)" if args.device.startswith("cuda") else "peak memory (MB)"
+    lines = [f"\n{args.device}, {args.model_pair}, {torch.get_num_threads()} threads, {args.examples} examples, "
+             f"batch {args.batch}, median of {args.repeats}\n",
+             f"| layers | method | time (s) | x floor | {memory} | beyond the floor (MB) | max deviation from float64 |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for layer_set, shape, results in rows:
         floor = results.get("floor", {}).get("time")
+        floor_peak = results.get("floor", {}).get("peak_mb")
         for method, r in results.items():
             label = f"{layer_set} ({shape[0]} x {shape[1]})"
             if "error" in r:
-                print(f"| {label} | {method} | failed: {r['error']} | | | |")
+                lines.append(f"| {label} | {method} | failed: {r['error']} | | | | |")
                 continue
             star = "*" if r.get("scaled") else ""
             ratio = f"{r['time'] / floor:.2f}" if floor else ""
             deviation = f"{r['deviation']:.1e}" if "deviation" in r else "-"
-            print(f"| {label} | {method} | {r['time']:.1f}{star} | {ratio}{star} | {r['peak_mb']:.0f} | {deviation} |")
+            beyond = f"{r['peak_mb'] - floor_peak:.0f}" if floor_peak is not None else ""
+            lines.append(f"| {label} | {method} | {r['time']:.1f}{star} | {ratio}{star} | {r['peak_mb']:.0f} | {beyond} | {deviation} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def worker(backend: str, layers: int, n: int, d: int, repeats: int, threads: int
     jax.config.update("jax_enable_x64", backend == "jax x64")
     import jax.numpy as jnp
 
-    from cka.frontends import _jax_stream as stream, jax as ckj
+    from cka import stream
+    from cka.frontends import jax as ckj
 
     jx, jy = [jnp.asarray(a) for a in xs], [jnp.asarray(a) for a in ys]
     state0 = ckj.init(layers, layers)

@@ -3,7 +3,8 @@
 The floor is one ``InferenceSession.run`` of the exported graph as it is (its own outputs only). The
 ONNX path is what :class:`cka.CKA` does per batch on the ONNX side: one run of the graph with the
 selected values as extra outputs (read through I/O binding, handed to torch by DLPack) plus one
-float64 Gram per selected layer, with the Gram function ``CKA`` hands to extractors. Model: the CIFAR-size ResNet-like network of
+float64 Gram per selected layer (into the extractor's one preallocated ``(L, n, n)`` stack), with the Gram
+function ``CKA`` hands to extractors. Model: the CIFAR-size ResNet-like network of
 the tests (``tests/onnx_models.py``) at ResNet-18's width (64 and 128 channels, 32x32 inputs),
 exported with the TorchScript exporter and the dynamo exporter, batch 128. Two selections: block
 outputs (7 values) and every module output the graph records (all of :meth:`OnnxModel.modules`).
@@ -35,21 +36,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cka import core  # noqa: E402
-from cka.frontends.onnx import OnnxModel  # noqa: E402
-from tests.onnx_models import export, resnet_like  # noqa: E402
+from cka import core
+from cka.frontends.onnx import OnnxModel
+from tests.onnx_models import export, resnet_like
 
 BLOCKS = ["stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "pool", "fc"]
 
 
 def _gram_function():
-    """The Gram function :class:`cka.CKA` hands to extractors: the torch frontend's buffered linear Gram
-    where it exists, else :func:`cka.core.gram`."""
-    try:
-        from cka.frontends.torch import LinearGram
-    except ImportError:
-        return functools.partial(core.gram, check=False)
-    return LinearGram()
+    """The Gram function :class:`cka.CKA` hands to extractors (``cka/compare.py``): :func:`cka.core.gram`
+    with the linear kernel and the default settings, unchecked."""
+    return functools.partial(core.gram, kernel="linear", sigma=None, sigma_frac=0.8, check=False)
+
+
+def _products(flat: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [f @ f.T for f in flat]
 
 
 def _seconds(step) -> float:
@@ -73,7 +74,7 @@ def interleaved(floor_step, step, repeats: int, warmup: int = 1) -> tuple[float,
         end = time.perf_counter()
         floors.append(middle - start)
         times.append(end - middle)
-    ratios = [t / f for t, f in zip(times, floors)]
+    ratios = [t / f for t, f in zip(times, floors, strict=True)]
     return statistics.median(floors), statistics.median(times), statistics.median(ratios)
 
 
@@ -90,11 +91,11 @@ def bench(path: Path, x: np.ndarray, repeats: int) -> list[tuple[str, int, float
             extractor = OnnxModel(path, layers=layers, providers=["CPUExecutionProvider"])
             with extractor, torch.inference_mode():
                 floor, seconds, ratio = interleaved(
-                    lambda: plain.run(None, {"x": x}), lambda: extractor.grams(x, gram_fn), repeats
+                    lambda: plain.run(None, {"x": x}), functools.partial(extractor.grams, x, gram_fn), repeats
                 )
                 # the bare Gram products of the same features: the floor of any Gram-based method
                 flat = [f.reshape(f.shape[0], -1) for f in extractor.features(x).values()]
-                products = statistics.median(_seconds(lambda: [f @ f.T for f in flat]) for _ in range(3))
+                products = statistics.median(_seconds(functools.partial(_products, flat)) for _ in range(3))
             rows.append((label, len(layers), floor, seconds, ratio, (floor + products) / floor))
     return rows
 

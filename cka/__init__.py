@@ -24,7 +24,9 @@ from cka.core import (
 )
 from cka.state import (
     CKAState,
+    CKAStatistics,
     finalize,
+    finalize_statistics,
     init_state,
     merge_states,
     minibatch_cka,
@@ -32,19 +34,23 @@ from cka.state import (
     update_state,
     update_state_from_grams,
 )
+from cka.statistics import CoarseStatisticsWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CKA",
-    "CKAResult",
     "KERNELS",
     "BiasedCKAWarning",
     "CKANumericsWarning",
+    "CKAResult",
     "CKAState",
+    "CKAStatistics",
+    "CoarseStatisticsWarning",
     "cka",
     "feature_space_linear_cka",
     "finalize",
+    "finalize_statistics",
     "gram",
     "hsic",
     "hsic_unbiased",
@@ -58,9 +64,10 @@ __all__ = [
     "update_state_from_grams",
 ]
 
-#: Public names whose modules import optional frameworks: loaded on first access (PEP 562), so that
+#: Public names loaded on first access (PEP 562): the comparer (cka.compare imports no framework; a torch
+#: model given to it loads the torch frontend then) and the result record (matplotlib when plotting).
 #: ``import cka`` imports neither torch nor matplotlib, while ``from cka import CKA`` still works.
-_LAZY = {"CKA": "cka.frontends.torch", "CKAResult": "cka.result"}
+_LAZY = {"CKA": "cka.compare", "CKAResult": "cka.result"}
 
 
 def __getattr__(name: str) -> Any:
@@ -75,3 +82,10 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+# pytorch-cka installs a top-level `cka` module too: say so here, with the fix, rather than fail deep
+# (a directory listing per sys.path entry; see cka/_install.py). -- added by H-cli13 (issue 13)
+from cka._install import warn_about_conflicts as _warn_about_conflicts  # noqa: E402
+
+_warn_about_conflicts()

@@ -1,20 +1,22 @@
-r"""Pure CKA math on numpy, torch and JAX arrays.
+r"""Pure CKA math on numpy, torch and JAX arrays: HSIC estimators, all-pairs HSIC terms, full-batch CKA.
 
 Vocabulary (STYLE.md): ``x, y`` are features of shape ``(n_samples, ...)``, flattened to
 ``(n, d)``; ``gram_x, gram_y`` are ``(n, n)`` kernel matrices; ``hsic`` is the biased estimator of
-Gretton et al. (2005), ``hsic_unbiased`` the unbiased one of Song et al. (2012); minibatch CKA is
-Nguyen, Raghu & Kornblith (2021); full-batch linear and RBF CKA are Kornblith et al. (2019).
+Gretton et al. (2005), ``hsic_unbiased`` the unbiased one of Song et al. (2012); full-batch linear and
+RBF CKA are Kornblith et al. (2019). Grams come from :mod:`cka.kernels` (re-exported here), the
+argument checks from :mod:`cka._checks`, the sums over batches from :mod:`cka.state`.
 
 Numerical decisions, each measured (DESIGN.md):
 
-* Features are centred per batch before the Gram. Every estimator here is exactly invariant to it
-  (``HSIC_1`` to ``K + a1^T + 1a^T + c11^T``, the biased one to ``HKH``), and it removes the large
-  common offset of post-ReLU activations that otherwise makes the HSIC terms cancel catastrophically.
-* The Gram product runs in the input dtype (raised to at least float32); the HSIC terms and every
-  accumulator are float64 on the input's device (float32 only where the framework has no float64:
-  JAX without ``jax_enable_x64``, torch on MPS).
+* Grams of centred features, the product in the Gram dtype (at least float32, at the chosen
+  ``gram_precision``), rescaled by a power of two where the features would over- or underflow
+  (:mod:`cka.kernels`); the HSIC terms and every accumulator in float64 on the input's device
+  (float32 only where the framework has no float64: JAX without ``jax_enable_x64``, torch on MPS).
 * All ``L1 x L2`` layer pairs of a batch come from one matrix product of flattened Grams
   (DESIGN.md, "Making all layer pairs cheap"), never a Python loop over pairs or ``trace(K @ L)``.
+* The feature-space form of linear CKA rescales each side by a power of two, centres in two passes,
+  and removes the column sums that are still left in float64 (on the ``(d_y, d_x)`` product), so a
+  large common offset costs it no digits either: both forms stay within 1e-6 of the float64 value.
 
 Only static properties (shapes, dtypes) are checked inside the ``_*`` implementation functions, so
 they trace under ``jax.jit``; value checks (NaN/Inf, constant layers) run in the public wrappers and
@@ -24,16 +26,42 @@ only outside a trace.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from cka.backends import Backend, get_backend
+from cka._checks import (
+    KERNELS,
+    BiasedCKAWarning,
+    CKANumericsWarning,
+    _backend_of,
+    _check_bandwidth,
+    _check_features,
+    _check_grams,
+    _check_kernel,
+    _check_n,
+    _check_pair_n,
+    _check_precision,
+    _check_unbiased,
+    _warn_about_values,
+    _warn_if_biased_misleading,
+)
+
+# Re-exported for the modules that import them from ``cka.core`` (state, statistics, compare, stream,
+# frontends): the explicit ``name as name`` form marks them as part of this module's interface.
+from cka._checks import _check_dtype as _check_dtype
+from cka._checks import _check_flag as _check_flag
+from cka._checks import min_examples as min_examples
+from cka._checks import warn_skipped_batches as warn_skipped_batches
+from cka.backends import PRECISIONS, Backend, get_backend
+from cka.kernels import CONSTANT_ULPS as CONSTANT_ULPS
+from cka.kernels import _exponent_of_max, _is_constant, _scaled_gram_impl, gram, linear_kernel, rbf_kernel
+from cka.kernels import _gram_impl as _gram_impl
 
 Array = Any
 
 __all__ = [
     "KERNELS",
+    "PRECISIONS",
     "BiasedCKAWarning",
     "CKANumericsWarning",
     "cka",
@@ -44,290 +72,6 @@ __all__ = [
     "linear_kernel",
     "rbf_kernel",
 ]
-
-KERNELS = ("linear", "rbf")
-
-#: A layer whose centred features hold less than this fraction of the raw features' energy
-#: (``||x - mean||^2 <= CONSTANT_TOLERANCE^2 * ||x||^2``) is treated as constant: its Gram is zeroed,
-#: so its CKA is NaN (0/0) instead of a number made of rounding residue.
-CONSTANT_ULPS = 16.0
-
-
-class BiasedCKAWarning(UserWarning):
-    """Biased CKA was asked for where it is misleading (more features than examples)."""
-
-
-class CKANumericsWarning(UserWarning):
-    """A CKA value is NaN (undefined) or outside [-1, 1] beyond rounding."""
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks (boundary only)
-# --------------------------------------------------------------------------------------------
-
-
-def _backend_of(*arrays: Array, names: Sequence[str]) -> Backend:
-    """The common backend of ``arrays``; a clear error when array types or devices are mixed.
-
-    Mixed types are refused rather than converted: a silent numpy<->torch<->JAX conversion would
-    move data between devices and cut autograd graphs behind the caller's back.
-    """
-    backends = [get_backend(a) for a in arrays]
-    first = backends[0]
-    for name, a, b in zip(names, arrays, backends):
-        if b is not first:
-            raise TypeError(
-                f"{names[0]} is a {first.name} array but {name} is a {b.name} array; pass both as the "
-                f"same type, e.g. convert with torch.as_tensor(...), numpy.asarray(...) or jax.numpy.asarray(...)."
-            )
-        devices = (first.device(a), first.device(arrays[0]))
-        if None not in devices and devices[0] != devices[1]:
-            raise ValueError(
-                f"{names[0]} is on {devices[1]} but {name} is on {devices[0]}; "
-                f"move both to one device first (e.g. {name}.to({names[0]}.device))."
-            )
-    return first
-
-
-def _check_features(b: Backend, x: Array, name: str) -> None:
-    shape = b.shape(x)
-    if len(shape) == 0:
-        raise ValueError(f"{name} must have shape (n_samples, ...); got a scalar.")
-    if not b.is_tracing(x) and not b.all_finite(x):
-        raise ValueError(f"{name} contains NaN or Inf values (shape {shape}); check the model or data that produced it.")
-
-
-def _check_pair_n(b: Backend, x: Array, y: Array, names: tuple[str, str] = ("x", "y")) -> int:
-    nx, ny = b.shape(x)[0], b.shape(y)[0]
-    if nx != ny:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must hold the same examples in the same order, but "
-            f"{names[0]} has shape {b.shape(x)} ({nx} examples) and {names[1]} has shape {b.shape(y)} "
-            f"({ny} examples); pass features of the same batch for both."
-        )
-    return nx
-
-
-def min_examples(unbiased: bool) -> int:
-    """Fewest examples a batch needs: 4 for the unbiased HSIC estimator (its ``n - 3`` factor), 2 otherwise."""
-    return 4 if unbiased else 2
-
-
-def warn_skipped_batches(skipped: Sequence[int], unbiased: bool, stacklevel: int = 2) -> None:
-    """The one warning for batches left out for having fewer than :func:`min_examples` examples."""
-    if skipped:
-        warnings.warn(
-            f"skipped batch(es) {list(skipped)} with fewer than {min_examples(unbiased)} examples: the "
-            f"{'unbiased ' if unbiased else ''}HSIC estimator is undefined there.",
-            UserWarning,
-            stacklevel=stacklevel + 1,
-        )
-
-
-def _check_n(n: int, unbiased: bool, what: str = "the batch") -> None:
-    if unbiased and n < 4:
-        raise ValueError(
-            f"the unbiased HSIC estimator needs at least 4 examples, but {what} has {n}; "
-            f"use a larger batch or unbiased=False."
-        )
-    if n < 2:
-        raise ValueError(f"CKA needs at least 2 examples, but {what} has {n}.")
-
-
-def _check_kernel(kernel: str) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; valid kernels: {', '.join(KERNELS)}.")
-
-
-def _check_grams(b: Backend, gram_x: Array, gram_y: Array) -> int:
-    for name, k in (("gram_x", gram_x), ("gram_y", gram_y)):
-        shape = b.shape(k)
-        if len(shape) != 2 or shape[0] != shape[1]:
-            raise ValueError(f"{name} must be a square (n, n) kernel matrix; got shape {shape}.")
-    if b.shape(gram_x) != b.shape(gram_y):
-        raise ValueError(
-            f"gram_x and gram_y must be kernels over the same n examples; got shapes "
-            f"{b.shape(gram_x)} and {b.shape(gram_y)}."
-        )
-    for name, k in (("gram_x", gram_x), ("gram_y", gram_y)):
-        if not b.is_tracing(k) and not b.all_finite(k):
-            raise ValueError(f"{name} contains NaN or Inf values.")
-    return b.shape(gram_x)[0]
-
-
-def _warn_if_biased_misleading(unbiased: bool, n: int, dx: int, dy: int) -> None:
-    if not unbiased and max(dx, dy) > n:
-        warnings.warn(
-            f"biased CKA with more features than examples (n={n}, d={max(dx, dy)}) is biased towards 1: "
-            f"independent random features score near 1 (Murphy et al. 2024). Use unbiased=True for the "
-            f"debiased estimate.",
-            BiasedCKAWarning,
-            stacklevel=3,
-        )
-
-
-def _warn_about_values(b: Backend, values: Array, what: str = "CKA") -> None:
-    """Warn (never clip) when a result is NaN or exceeds 1 in magnitude beyond rounding."""
-    if b.is_tracing(values):
-        return
-    import numpy
-
-    v = numpy.atleast_1d(b.to_numpy(values))
-    if numpy.isnan(v).any():
-        where = numpy.argwhere(numpy.isnan(numpy.atleast_2d(v)))
-        warnings.warn(
-            f"{what} is NaN at {len(where)} entr{'y' if len(where) == 1 else 'ies'} (first: index "
-            f"{tuple(int(i) for i in where[0])}): a constant (zero-variance) input, or an RBF bandwidth of zero, has no CKA.",
-            CKANumericsWarning,
-            stacklevel=3,
-        )
-    if (numpy.abs(v[~numpy.isnan(v)]) > 1 + 1e-6).any():
-        warnings.warn(
-            f"{what} exceeds 1 in magnitude (max {numpy.nanmax(numpy.abs(v)):.9g}); in exact arithmetic "
-            f"|CKA| <= 1, so this is a numerical problem; please report it with the inputs.",
-            CKANumericsWarning,
-            stacklevel=3,
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------
-
-
-def _center_features(b: Backend, x: Array, mask: Array | None = None) -> tuple[Array, Array, Any]:
-    """``(x - mean(x), mean, n)`` over examples, in the Gram dtype; with ``mask`` (n,), over the valid
-    rows only, padded rows set to zero and ``n`` the (traced) number of valid rows."""
-    x = b.cast(b.flatten(x), b.gram_dtype(x))
-    if mask is None:
-        mean = b.mean(x, axis=0)
-        return x - mean, mean, b.shape(x)[0]
-    # ``where``, not a product with the mask: padded rows may hold anything (even NaN) without
-    # reaching the result, and XLA fuses it into the Gram's operand (~25% faster on CPU than x * m).
-    valid = (mask != 0)[:, None]
-    zero = b.zeros((), like=x, dtype=x.dtype)
-    n = b.sum(b.cast(mask, x.dtype))
-    mean = b.sum(b.where(valid, x, zero), axis=0)[None, :] / n
-    return b.where(valid, x - mean, zero), mean, n
-
-
-def _is_constant(b: Backend, centered_energy: Array, mean: Array, n: Any, dtype: Any) -> Array:
-    r"""Whether features are constant up to rounding: :math:`\lVert \bar X\rVert_F^2 \le (c\,\epsilon)^2 \lVert X\rVert_F^2`
-    with ``c = CONSTANT_ULPS`` and :math:`\epsilon` the Gram dtype's machine epsilon.
-
-    The centring of a constant layer leaves rounding residue of order :math:`\epsilon |x|` per entry,
-    whose Gram would otherwise turn into a meaningless CKA value. Uses
-    :math:`\lVert X\rVert_F^2 = \lVert \bar X\rVert_F^2 + n\lVert \mu\rVert^2` so that no extra pass
-    over the features is needed (:math:`\lVert \bar X\rVert_F^2` is the trace of the linear Gram).
-    Returns a 0-d boolean array.
-    """
-    mean64 = b.cast(mean, centered_energy.dtype)
-    raw_energy = centered_energy + n * b.sum(mean64 * mean64)
-    return centered_energy <= (CONSTANT_ULPS * b.eps(dtype)) ** 2 * raw_energy
-
-
-def _gram_impl(x: Array, kernel: str, sigma: Any, sigma_frac: Any, mask: Array | None = None) -> Array:
-    """The ``(n, n)`` Gram of ``x`` after centring, in the accumulator dtype."""
-    b = get_backend(x)
-    centered, mean, n = _center_features(b, x, mask)
-    accumulate = b.accumulator_dtype(x)
-    dot = b.cast(b.matmul(centered, b.transpose(centered)), accumulate)  # the product in the input dtype
-    sq_norms = b.diagonal(dot)
-    constant = _is_constant(b, b.sum(sq_norms), mean, n, centered.dtype)
-    if kernel == "linear":
-        k = dot
-    else:
-        # squared distances by expansion; clamp tiny negative rounding residue to 0
-        sq_distances = b.maximum(sq_norms[:, None] + sq_norms[None, :] - 2 * dot, 0.0)
-        if sigma is None:
-            # Kornblith et al. (2019): sigma^2 = sigma_frac^2 * median of all n^2 squared distances
-            # (diagonal zeros included, as in their reference code).
-            valid = None if mask is None else b.outer(mask, mask)
-            median = b.median(sq_distances, valid)
-            two_sigma_sq = 2 * sigma_frac**2 * median
-        else:
-            two_sigma_sq = b.zeros((), like=dot, dtype=dot.dtype) + 2 * sigma**2  # an array, also for a float
-        # A zero bandwidth (more than half the pairs coincide, e.g. a constant layer) has no kernel:
-        # NaN, not a division warning; constant layers are zeroed below anyway.
-        nan = b.full_like_scalar(math.nan, dot)
-        k = b.exp(-sq_distances / b.where(two_sigma_sq > 0, two_sigma_sq, nan))
-        if mask is not None:
-            m = b.cast(mask, k.dtype)
-            k = k * b.outer(m, m)
-    return b.where(constant, b.zeros((), like=k, dtype=k.dtype), k)
-
-
-def gram(
-    x: Array, *, kernel: str = "linear", sigma: float | None = None, sigma_frac: float = 0.8, check: bool = True
-) -> Array:
-    r"""Kernel matrix of the centred features ``x``, in the accumulator dtype (float64).
-
-    Parameters
-    ----------
-    x : (n, ...) array
-        Features; flattened to ``(n, d)`` and centred (mean over examples subtracted).
-    kernel : {"linear", "rbf"}
-    sigma, sigma_frac : float
-        RBF bandwidth: fixed ``sigma``, or ``sigma_frac`` times the square root of the median
-        squared distance (Kornblith et al. 2019).
-    check : bool
-        Check ``x`` for NaN/Inf (a host synchronisation on GPUs). Frontends pass ``False`` and
-        track non-finite values on the device instead.
-
-    Returns
-    -------
-    (n, n) array, float64 where the framework has it.
-    """
-    _check_kernel(kernel)
-    b = get_backend(x)
-    if check:
-        _check_features(b, x, "x")
-    return b.jit(_gram_impl, static_argnames=("kernel",))(x, kernel, sigma, sigma_frac)
-
-
-def linear_kernel(x: Array) -> Array:
-    r"""Linear kernel :math:`K = \bar X \bar X^\top` of the centred features :math:`\bar X = X - 1\mu^\top`.
-
-    Centring changes :math:`K` only by :math:`K \to HKH`-type terms to which every HSIC estimator
-    here is exactly invariant, and it keeps the Gram precise for features with a large mean.
-
-    Parameters
-    ----------
-    x : (n, ...) array
-
-    Returns
-    -------
-    (n, n) array in float64.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> x = np.random.default_rng(0).normal(size=(8, 3))
-    >>> bool(np.allclose(linear_kernel(x), linear_kernel(x + 100.0)))
-    True
-    """
-    return gram(x, kernel="linear")
-
-
-def rbf_kernel(x: Array, *, sigma: float | None = None, sigma_frac: float = 0.8) -> Array:
-    r"""RBF kernel :math:`K_{ab} = \exp(-\lVert x_a - x_b \rVert^2 / (2\sigma^2))`.
-
-    With ``sigma=None``, :math:`\sigma = \text{sigma\_frac}\cdot\sqrt{\operatorname{median}_{ab}\lVert x_a - x_b\rVert^2}`
-    over all :math:`n^2` pairs (Kornblith et al. 2019 use fractions 0.2-0.8).
-
-    Parameters
-    ----------
-    x : (n, ...) array
-    sigma : float, optional
-        A fixed bandwidth; overrides ``sigma_frac``.
-    sigma_frac : float
-        Bandwidth as a fraction of the median distance.
-
-    Returns
-    -------
-    (n, n) array in float64.
-    """
-    return gram(x, kernel="rbf", sigma=sigma, sigma_frac=sigma_frac)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +84,11 @@ def _stack_grams(b: Backend, grams: Sequence[Array] | Array) -> Array:
     if isinstance(grams, (list, tuple)):
         grams = b.stack([b.cast(k, b.accumulator_dtype(k)) for k in grams])
     return b.cast(grams, b.accumulator_dtype(grams))
+
+
+def _is_float64(a: Array) -> bool:
+    """Whether an array of any backend is float64 (a static property: safe under jit)."""
+    return str(a.dtype).rsplit(".", 1)[-1] == "float64"
 
 
 def _unbiased_factors(b: Backend, grams: Array) -> tuple[Array, Array, Array]:
@@ -375,15 +124,29 @@ def _hsic_pairs(b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bo
     Returns ``(hsic_xy (L1, L2), hsic_xx (L1,), hsic_yy (L2,))``.
     """
     if unbiased:
-        fx, rx, sx = _unbiased_factors(b, grams_x)
-        fy, ry, sy = _unbiased_factors(b, grams_y)
 
         def combine(trace: Array, r_dot: Array, s_prod: Array) -> Array:
             return (trace + s_prod / ((n - 1) * (n - 2)) - 2 * r_dot / (n - 2)) / (n * (n - 3))
 
-        xy = combine(b.matmul(fx, b.transpose(fy)), b.matmul(rx, b.transpose(ry)), b.outer(sx, sy))
-        xx = combine(b.sum_of_squares(fx), b.sum(rx * rx, axis=-1), sx * sx)
-        yy = combine(b.sum_of_squares(fy), b.sum(ry * ry, axis=-1), sy * sy)
+        if _is_float64(grams_x) and _is_float64(grams_y):
+            # No zero-diagonal copy of the (L, n, n) stacks (the largest allocation of a comparison
+            # after the stacks themselves): with d = diag(K), <K~, L~> = <K, L> - d_K . d_L and
+            # K~ 1 = K 1 - d_K. The subtraction costs at most log10(tr-terms / off-diagonal terms)
+            # digits of float64's 16 (n / d relative for random features: 1e-13 at n = 128, d = 65536).
+            dx, dy = b.diagonal(grams_x), b.diagonal(grams_y)  # (L1, n), (L2, n)
+            fx, fy = grams_x.reshape(grams_x.shape[0], -1), grams_y.reshape(grams_y.shape[0], -1)
+            rx, ry = b.sum(grams_x, axis=-1) - dx, b.sum(grams_y, axis=-1) - dy
+            sx, sy = b.sum(rx, axis=-1), b.sum(ry, axis=-1)
+            trace_xy = b.matmul(fx, b.transpose(fy)) - b.matmul(dx, b.transpose(dy))
+            trace_xx = b.sum_of_squares(fx) - b.sum(dx * dx, axis=-1)
+            trace_yy = b.sum_of_squares(fy) - b.sum(dy * dy, axis=-1)
+        else:  # float32 accumulators (JAX without x64, MPS): zero the diagonal first, no cancellation
+            fx, rx, sx = _unbiased_factors(b, grams_x)
+            fy, ry, sy = _unbiased_factors(b, grams_y)
+            trace_xy, trace_xx, trace_yy = b.matmul(fx, b.transpose(fy)), b.sum_of_squares(fx), b.sum_of_squares(fy)
+        xy = combine(trace_xy, b.matmul(rx, b.transpose(ry)), b.outer(sx, sy))
+        xx = combine(trace_xx, b.sum(rx * rx, axis=-1), sx * sx)
+        yy = combine(trace_yy, b.sum(ry * ry, axis=-1), sy * sy)
         return xy, xx, yy
     if not (isinstance(n, int) and n == b.shape(grams_x)[-1]):
         return _hsic_pairs_biased_padded(b, grams_x, grams_y, n)
@@ -439,11 +202,20 @@ def _safe_ratio(b: Backend, hsic_xy: Array, hsic_xx: Array, hsic_yy: Array) -> A
     return b.where(positive, hsic_xy / b.sqrt(b.where(positive, product, ones)), nan)
 
 
+def _rescaled_grams(b: Backend, k: Array) -> tuple[Array, Array]:
+    """``(2^-e K, e)`` for a Gram ``K`` in the accumulator dtype, ``2^e`` just above ``max |K|``: HSIC
+    is bilinear, so its terms are computed on Grams of order one and scaled back once (exactly)."""
+    k = b.cast(k, b.accumulator_dtype(k))
+    exponent = _exponent_of_max(b, k)
+    return k * b.pow2(-exponent, k.dtype), exponent
+
+
 def _hsic_impl(gram_x: Array, gram_y: Array, unbiased: bool) -> Array:
     b = get_backend(gram_x)
     n = b.shape(gram_x)[0]
-    xy, _, _ = _hsic_pairs(b, _stack_grams(b, [gram_x]), _stack_grams(b, [gram_y]), n, unbiased)
-    return xy[0, 0]
+    (kx, ex), (ky, ey) = _rescaled_grams(b, gram_x), _rescaled_grams(b, gram_y)
+    xy, _, _ = _hsic_pairs(b, _stack_grams(b, [kx]), _stack_grams(b, [ky]), n, unbiased)
+    return xy[0, 0] * b.pow2(ex, xy.dtype) * b.pow2(ey, xy.dtype)
 
 
 def hsic(gram_x: Array, gram_y: Array) -> Array:
@@ -454,16 +226,17 @@ def hsic(gram_x: Array, gram_y: Array) -> Array:
     Parameters
     ----------
     gram_x, gram_y : (n, n) arrays
-        :math:`K` and :math:`L`, kernels over the same ``n`` examples.
+        :math:`K` and :math:`L`, real kernels over the same ``n`` examples.
 
     Returns
     -------
-    0-d array (float64) of the input's type and device.
+    0-d array (float64) of the input's type and device. Computed on the Grams rescaled by powers of
+    two and scaled back, so Grams of any magnitude whose HSIC is representable give it.
     """
     b = _backend_of(gram_x, gram_y, names=("gram_x", "gram_y"))
     n = _check_grams(b, gram_x, gram_y)
     _check_n(n, unbiased=False, what="the kernel")
-    return b.jit(_hsic_impl, static_argnames=("unbiased",))(gram_x, gram_y, False)
+    return b.as_array(b.jit(_hsic_impl, static_argnames=("unbiased",))(gram_x, gram_y, False))
 
 
 def hsic_unbiased(gram_x: Array, gram_y: Array) -> Array:
@@ -480,16 +253,16 @@ def hsic_unbiased(gram_x: Array, gram_y: Array) -> Array:
     Parameters
     ----------
     gram_x, gram_y : (n, n) arrays
-        :math:`K` and :math:`L`.
+        :math:`K` and :math:`L`, real.
 
     Returns
     -------
-    0-d array (float64) of the input's type and device.
+    0-d array (float64) of the input's type and device (rescaled internally, as :func:`hsic`).
     """
     b = _backend_of(gram_x, gram_y, names=("gram_x", "gram_y"))
     n = _check_grams(b, gram_x, gram_y)
     _check_n(n, unbiased=True, what="the kernel")
-    return b.jit(_hsic_impl, static_argnames=("unbiased",))(gram_x, gram_y, True)
+    return b.as_array(b.jit(_hsic_impl, static_argnames=("unbiased",))(gram_x, gram_y, True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,54 +270,78 @@ def hsic_unbiased(gram_x: Array, gram_y: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
-def _centered_or_zero(b: Backend, x: Array) -> Array:
-    """Centred features ``(n, d)``, all zero when the layer is constant (see :func:`_is_constant`)."""
-    centered, mean, n = _center_features(b, x)
-    energy = b.sum(b.cast(centered * centered, b.accumulator_dtype(x)))
-    constant = _is_constant(b, energy, mean, n, centered.dtype)
-    return b.where(constant, b.zeros((), like=centered, dtype=centered.dtype), centered)
+def _centred_features(b: Backend, x: Array, dtype: Any) -> Array:
+    """Features ``(n, d)`` in ``dtype``, rescaled by a power of two to ``max|x| < 1`` (exact; CKA is
+    invariant to it) and centred, all zero when the layer is constant (see :func:`_is_constant`)."""
+    x = b.cast(b.flatten(x), dtype)
+    x = x * b.pow2(-_exponent_of_max(b, x), dtype)
+    mean = b.mean(x, 0)
+    # Two passes: the mean of n values of a large common offset rounds to ~log2(n) eps |offset| in the
+    # features' dtype (0.08 for n = 16384 at 1e5 in float32), and the mean of the centred values
+    # removes most of that residual, cheaply (n d against the products' n d^2).
+    centred = x - mean
+    centred = centred - b.mean(centred, 0)
+    energy = b.sum(b.cast(centred * centred, b.accumulator_dtype(x)))
+    constant = _is_constant(b, energy, mean, b.shape(x)[0], dtype)
+    return b.where(constant, b.zeros((), like=centred, dtype=dtype), centred)
 
 
-def _feature_space_terms(b: Backend, x: Array, y: Array, unbiased: bool) -> tuple[Array, Array, Array]:
+def _feature_space_terms(b: Backend, x: Array, y: Array, unbiased: bool, precision: str) -> tuple[Array, Array, Array]:
     r"""``(hsic_xy, hsic_xx, hsic_yy)`` of the linear kernel from centred features, without any Gram.
 
-    Biased (Kornblith et al. 2019): :math:`\langle HKH, HLH\rangle = \lVert \bar Y^\top \bar X\rVert_F^2`.
-    Unbiased, with :math:`q_a = \lVert x_a\rVert^2`, :math:`u = \bar X^\top 1` (zero up to rounding;
-    kept so the identities are exact):
+    Biased (Kornblith et al. 2019): :math:`\langle HKH, HLH\rangle = \lVert \bar Y^\top H \bar X\rVert_F^2`
+    with :math:`\bar Y^\top H\bar X = \bar Y^\top\bar X - u_y u_x^\top / n`, :math:`u = \bar X^\top 1`
+    summed in float64: the centring in the features' dtype leaves column sums of order
+    :math:`n\epsilon|\mu|` (large for a large common offset :math:`\mu`), and this second pass removes
+    them exactly, so the form is as accurate as the Gram form (float32, offset :math:`10^5` times the
+    spread, n = 256: 3e-4 error without it, 2e-7 with it; the features are also centred in two passes,
+    which keeps those sums small at large n).
+    Unbiased, with :math:`q_a = \lVert x_a\rVert^2`:
     :math:`\operatorname{tr}(\tilde K\tilde L) = \lVert \bar Y^\top\bar X\rVert_F^2 - \sum_a q^x_a q^y_a`,
-    :math:`\tilde K 1 = \bar X u - q^x`, :math:`1^\top\tilde K 1 = \lVert u\rVert^2 - \sum_a q^x_a`.
+    :math:`\tilde K 1 = \bar X u - q^x`, :math:`1^\top\tilde K 1 = \lVert u\rVert^2 - \sum_a q^x_a`
+    (exact identities for any :math:`u`).
     Cost :math:`O(n d_x d_y)` instead of :math:`O(n^2 (d_x + d_y))`. The common factor
-    ``1/(n-1)^2`` of the biased form is dropped: it cancels in the CKA ratio.
+    ``1/(n-1)^2`` of the biased form is dropped: it cancels in the CKA ratio, and so do the powers of
+    two each side is rescaled by.
     """
     accumulate = b.accumulator_dtype(x)
     n = b.shape(x)[0]
-    xc, yc = _centered_or_zero(b, x), _centered_or_zero(b, y)
+    dtype = b.promote_types(b.gram_dtype(x), b.gram_dtype(y))  # torch would refuse mixed float dtypes
+    xc, yc = _centred_features(b, x, dtype), _centred_features(b, y, dtype)
+    ux, uy = b.sum(b.cast(xc, accumulate), axis=0), b.sum(b.cast(yc, accumulate), axis=0)
 
-    def cross(p: Array, q: Array) -> Array:  # ||q^T p||_F^2 in float64 from a product in the input dtype
-        prod = b.cast(b.matmul(b.transpose(q), p), accumulate)
-        return b.sum(prod * prod)
+    def cross(p: Array, q: Array) -> Array:  # q^T p in float64 from a product at the Gram precision
+        return b.cast(b.product(b.transpose(q), p, precision), accumulate)
 
     if not unbiased:
-        return cross(xc, yc), cross(xc, xc), cross(yc, yc)
 
-    def factors(p: Array) -> tuple[Array, Array, Array]:
+        def frob(p: Array, q: Array, up: Array, uq: Array) -> Array:
+            c = cross(p, q) - b.outer(uq, up) / n
+            return b.sum(c * c)
+
+        return frob(xc, yc, ux, uy), frob(xc, xc, ux, ux), frob(yc, yc, uy, uy)
+
+    def factors(p: Array, u: Array) -> tuple[Array, Array, Array]:
         p64 = b.cast(p, accumulate)
         sq_norms = b.sum(p64 * p64, axis=1)  # q (n,)
-        u = b.sum(p64, axis=0)  # (d,)
         row_sums = b.matmul(p64, u[:, None])[:, 0] - sq_norms  # K~ 1
         return sq_norms, row_sums, b.sum(u * u) - b.sum(sq_norms)
 
-    qx, rx, sx = factors(xc)
-    qy, ry, sy = factors(yc)
+    qx, rx, sx = factors(xc, ux)
+    qy, ry, sy = factors(yc, uy)
 
     def combine(frob: Array, qa: Array, qb: Array, ra: Array, rb: Array, sa: Array, sb: Array) -> Array:
         trace = frob - b.sum(qa * qb)
         return (trace + sa * sb / ((n - 1) * (n - 2)) - 2 * b.sum(ra * rb) / (n - 2)) / (n * (n - 3))
 
+    def squared(p: Array, q: Array) -> Array:
+        c = cross(p, q)
+        return b.sum(c * c)
+
     return (
-        combine(cross(xc, yc), qx, qy, rx, ry, sx, sy),
-        combine(cross(xc, xc), qx, qx, rx, rx, sx, sx),
-        combine(cross(yc, yc), qy, qy, ry, ry, sy, sy),
+        combine(squared(xc, yc), qx, qy, rx, ry, sx, sy),
+        combine(squared(xc, xc), qx, qx, rx, rx, sx, sx),
+        combine(squared(yc, yc), qy, qy, ry, ry, sy, sy),
     )
 
 
@@ -554,17 +351,35 @@ def _use_feature_space(n: int, dx: int, dy: int) -> bool:
     return dx * dy + dx * dx + dy * dy < n * (dx + dy)
 
 
-def _cka_impl(x: Array, y: Array, kernel: str, unbiased: bool, sigma: Any, sigma_frac: Any) -> Array:
+def _cka_impl(x: Array, y: Array, kernel: str, unbiased: bool, sigma: Any, sigma_frac: Any, precision: str) -> Array:
     b = get_backend(x)
     n = b.shape(x)[0]
     dx, dy = b.shape(b.flatten(x))[1], b.shape(b.flatten(y))[1]
     if kernel == "linear" and _use_feature_space(n, dx, dy):
-        xy, xx, yy = _feature_space_terms(b, x, y, unbiased)
+        xy, xx, yy = _feature_space_terms(b, x, y, unbiased, precision)
         return _safe_ratio(b, xy, xx, yy)
-    grams_x = _stack_grams(b, [_gram_impl(x, kernel, sigma, sigma_frac)])
-    grams_y = _stack_grams(b, [_gram_impl(y, kernel, sigma, sigma_frac)])
+    # The Grams of the rescaled features: their powers of two cancel in the ratio, so features of any
+    # magnitude give the CKA of the unscaled ones (and the same bits in the normal range).
+    grams_x = _stack_grams(b, [_scaled_gram_impl(x, kernel, sigma, sigma_frac, None, precision)[0]])
+    grams_y = _stack_grams(b, [_scaled_gram_impl(y, kernel, sigma, sigma_frac, None, precision)[0]])
+    if kernel == "rbf":
+        # Double-centred (HKH; every estimator is exactly invariant to it): RBF entries are 1 - O(d^2/sigma^2),
+        # and the HSIC terms of the raw kernel would cancel down to that O() (4e-4 lost at sigma = 1000 x median).
+        grams_x, grams_y = _center_grams(b, grams_x), _center_grams(b, grams_y)
     xy, xx, yy = _hsic_pairs(b, grams_x, grams_y, n, unbiased)
     return _safe_ratio(b, xy, xx, yy)[0, 0]
+
+
+def _check_cka_arguments(x: Array, y: Array, unbiased: Any, gram_precision: Any) -> tuple[Backend, int]:
+    """The checks shared by :func:`cka` and :func:`feature_space_linear_cka`; the backend and ``n``."""
+    _check_unbiased(unbiased)
+    _check_precision(gram_precision)
+    b = _backend_of(x, y, names=("x", "y"))
+    _check_features(b, x, "x")
+    _check_features(b, y, "y")
+    n = _check_pair_n(b, x, y)
+    _check_n(n, unbiased)
+    return b, n
 
 
 def cka(
@@ -575,6 +390,7 @@ def cka(
     unbiased: bool = False,
     sigma: float | None = None,
     sigma_frac: float = 0.8,
+    gram_precision: str = "highest",
 ) -> Array:
     r"""Centered Kernel Alignment between two representations of the same examples.
 
@@ -588,22 +404,28 @@ def cka(
     Parameters
     ----------
     x : (n, ...) array
-        Features of the first representation, flattened to ``(n, d_x)``.
+        Features of the first representation (real), flattened to ``(n, d_x)``.
     y : (n, ...) array
-        Features of the second, same examples in the same order, flattened to ``(n, d_y)``.
+        Features of the second, same examples in the same order, flattened to ``(n, d_y)``. May
+        differ from ``x`` in dtype (promoted).
     kernel : {"linear", "rbf"}
     unbiased : bool
         Use the unbiased HSIC estimator (needs ``n >= 4``). Biased CKA is misleading when
         ``d > n`` (independent Gaussians with n=50, d=5000 score 0.99; Murphy et al. 2024): a
         :class:`BiasedCKAWarning` says so.
     sigma, sigma_frac : float
-        RBF bandwidth, see :func:`rbf_kernel`.
+        RBF bandwidth, see :func:`rbf_kernel`. Positive.
+    gram_precision : {"highest", "tf32", "bf16"}
+        Precision of the feature products (Grams, or the cross-covariances of the feature-space form),
+        see :func:`gram`; the HSIC terms are float64 in every case.
 
     Returns
     -------
     0-d array of the input's type, on its device, float64 where the framework has it; ``float()``
     works. Differentiable under torch autograd and ``jax.grad``; jit-able under ``jax.jit``.
-    NaN (with a :class:`CKANumericsWarning`) when an input is constant.
+    NaN (with a :class:`CKANumericsWarning`) when an input is constant. Features of any magnitude
+    (float32 around 1e20 or 1e-25 included) give the value of the unscaled features: CKA is invariant
+    to scaling, and the products run on features rescaled by exact powers of two.
 
     References
     ----------
@@ -619,31 +441,27 @@ def cka(
     1.0
     """
     _check_kernel(kernel)
-    b = _backend_of(x, y, names=("x", "y"))
-    _check_features(b, x, "x")
-    _check_features(b, y, "y")
-    n = _check_pair_n(b, x, y)
-    _check_n(n, unbiased)
+    _check_bandwidth(sigma, sigma_frac)
+    b, n = _check_cka_arguments(x, y, unbiased, gram_precision)
     _warn_if_biased_misleading(unbiased, n, b.shape(b.flatten(x))[1], b.shape(b.flatten(y))[1])
-    value = b.jit(_cka_impl, static_argnames=("kernel", "unbiased"))(x, y, kernel, unbiased, sigma, sigma_frac)
+    value = b.jit(_cka_impl, static_argnames=("kernel", "unbiased", "precision"))(
+        x, y, kernel, unbiased, sigma, sigma_frac, gram_precision
+    )
     _warn_about_values(b, value)
-    return value
+    return b.as_array(value)
 
 
-def feature_space_linear_cka(x: Array, y: Array, *, unbiased: bool = False) -> Array:
+def feature_space_linear_cka(x: Array, y: Array, *, unbiased: bool = False, gram_precision: str = "highest") -> Array:
     r"""Linear CKA from the ``(d_x, d_y)`` cross-covariance, never forming an ``(n, n)`` Gram.
 
     .. math:: \mathrm{CKA} = \frac{\lVert \bar Y^\top \bar X\rVert_F^2}{\lVert \bar X^\top \bar X\rVert_F\,\lVert \bar Y^\top \bar Y\rVert_F}
 
     (Kornblith et al. 2019), or its unbiased analogue. Equal to ``cka(x, y)`` for every ``n, d``;
-    :func:`cka` picks it by itself when it is the cheaper form.
+    :func:`cka` picks it by itself when it is the cheaper form. Same arguments, checks and accuracy
+    as :func:`cka`.
     """
-    b = _backend_of(x, y, names=("x", "y"))
-    _check_features(b, x, "x")
-    _check_features(b, y, "y")
-    n = _check_pair_n(b, x, y)
-    _check_n(n, unbiased)
-    xy, xx, yy = _feature_space_terms(b, x, y, unbiased)
+    b, _ = _check_cka_arguments(x, y, unbiased, gram_precision)
+    xy, xx, yy = _feature_space_terms(b, x, y, unbiased, gram_precision)
     value = _safe_ratio(b, xy, xx, yy)
     _warn_about_values(b, value)
-    return value
+    return b.as_array(value)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run_demo", "SmallCNN", "digits_tensors"]
+__all__ = ["SmallCNN", "digits_tensors", "run_demo"]
 
 TEST_SPLIT = 1200  # digits 0..1199 train, 1200..1796 test (597 examples)
 
@@ -39,8 +39,12 @@ def SmallCNN(depth: int, width: int = 16, seed: int = 0) -> Any:  # noqa: N802 -
     channels = 1
     for i in range(depth):
         out = width * (2 if i >= depth // 2 else 1)
-        blocks.append((f"block{i}", nn.Sequential(nn.Conv2d(channels, out, 3, padding=1, bias=False),
-                                                   nn.BatchNorm2d(out), nn.ReLU())))
+        blocks.append(
+            (
+                f"block{i}",
+                nn.Sequential(nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()),
+            )
+        )
         channels = out
     blocks += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(channels, 10))]
     from collections import OrderedDict
@@ -85,8 +89,15 @@ def export_onnx(model: Any, path: Path, example: Any) -> Path:
     torch = _torch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        )
     return path
 
 
@@ -96,7 +107,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> Path:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = iter([{"x": calibration[i:i + 32]} for i in range(0, len(calibration), 32)])
+            self._batches = iter([{"x": calibration[i : i + 32]} for i in range(0, len(calibration), 32)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)
@@ -127,7 +138,9 @@ def run_demo(out: Path, *, fast: bool = False) -> dict[str, Any]:
     print("2. Exporting the shallow CNN to ONNX and quantizing a copy to int8")
     onnx_path = export_onnx(shallow, out / "shallow.onnx", x_test[:2])
     int8_path = quantize_int8(onnx_path, out / "shallow-int8.onnx", x_train[:256].numpy())
-    print(f"   {onnx_path} ({onnx_path.stat().st_size / 1024:.0f} KiB), {int8_path} ({int8_path.stat().st_size / 1024:.0f} KiB)")
+    print(
+        f"   {onnx_path} ({onnx_path.stat().st_size / 1024:.0f} KiB), {int8_path} ({int8_path.stat().st_size / 1024:.0f} KiB)"
+    )
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_test, y_test), batch_size=128)
     g = torch.Generator().manual_seed(0)
@@ -137,13 +150,50 @@ def run_demo(out: Path, *, fast: bool = False) -> dict[str, Any]:
     blocks_deep = [n for n, _ in deep.named_children() if n.startswith("block")] + ["pool", "fc"]
     # fusion-safe boundaries for the ONNX comparisons: block outputs (after ReLU), pooling, logits
     comparisons = {
-        "shallow_vs_deep": (CKA(shallow, deep, "shallow", "deep", blocks_shallow, blocks_deep, progress=False), loader, None),
-        "torch_vs_onnx": (CKA(shallow, OnnxModel(onnx_path), "shallow (PyTorch)", "shallow (ONNX)",
-                              blocks_shallow, blocks_shallow, progress=False), loader, None),
-        "onnx_vs_int8": (CKA(OnnxModel(onnx_path, reference=shallow), OnnxModel(int8_path, reference=shallow), "shallow (ONNX float32)", "shallow (ONNX int8)",
-                             blocks_shallow, blocks_shallow, progress=False), loader, None),
-        "clean_vs_noisy": (CKA(shallow, shallow, "shallow on clean digits", "shallow on noisy digits",
-                               blocks_shallow, blocks_shallow, progress=False), loader, noisy_loader),
+        "shallow_vs_deep": (
+            CKA(shallow, deep, "shallow", "deep", blocks_shallow, blocks_deep, progress=False),
+            loader,
+            None,
+        ),
+        "torch_vs_onnx": (
+            CKA(
+                shallow,
+                OnnxModel(onnx_path),
+                "shallow (PyTorch)",
+                "shallow (ONNX)",
+                blocks_shallow,
+                blocks_shallow,
+                progress=False,
+            ),
+            loader,
+            None,
+        ),
+        "onnx_vs_int8": (
+            CKA(
+                OnnxModel(onnx_path, reference=shallow),
+                OnnxModel(int8_path, reference=shallow),
+                "shallow (ONNX float32)",
+                "shallow (ONNX int8)",
+                blocks_shallow,
+                blocks_shallow,
+                progress=False,
+            ),
+            loader,
+            None,
+        ),
+        "clean_vs_noisy": (
+            CKA(
+                shallow,
+                shallow,
+                "shallow on clean digits",
+                "shallow on noisy digits",
+                blocks_shallow,
+                blocks_shallow,
+                progress=False,
+            ),
+            loader,
+            noisy_loader,
+        ),
     }
     print("3. Comparing (minibatch CKA, batches of 128, unbiased HSIC)")
     results = {}

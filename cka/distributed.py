@@ -1,4 +1,4 @@
-"""Scaling out over ``torch.distributed``: shard the batches, accumulate, one all-reduce.
+"""Scaling out over ``torch.distributed``: shard the batches, accumulate, one all-reduce of the sums.
 
 The minibatch CKA sums (:class:`~cka.state.CKAState`) are additive, so each rank accumulates the
 batches of its shard and one all-reduce (sum) of the small accumulators gives every rank the state of
@@ -20,9 +20,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from cka.state import CKAState
+import numpy as np
 
-__all__ = ["is_distributed", "rank_and_world_size", "shard_batches", "all_reduce_state"]
+from cka.state import CKAState
+from cka.statistics import replicate_counts
+
+__all__ = ["all_reduce_state", "is_distributed", "rank_and_world_size", "shard_batches"]
 
 T = TypeVar("T")
 
@@ -86,15 +89,24 @@ def shard_batches(batches: Iterable[T], rank: int | None = None, world_size: int
     return ShardedBatches(batches, rank, world_size)
 
 
-def all_reduce_state(state: CKAState, group: Any = None) -> CKAState:
+def all_reduce_state(state: Any, group: Any = None) -> Any:
     """The sum of ``state`` over all ranks, on every rank: one all-reduce of one flat float64 buffer.
 
-    Works with NCCL (tensors on this rank's CUDA device) and gloo (CPU tensors).
+    Works with NCCL (the buffer on this rank's CUDA device) and gloo (on the CPU), for states of any
+    backend: the result has the input's array type, device and kind (a compensated state is folded
+    into its sums first and comes back compensated, :func:`cka.state.folded`).
     """
     import torch
     import torch.distributed as dist
 
-    fields = [torch.as_tensor(f) for f in state]
+    from cka import state as engine
+    from cka.backends import get_backend
+
+    folded = getattr(engine, "folded", None)
+    plain = folded(state) if folded is not None else state
+    backend = get_backend(plain.hsic_xy)
+    present = [f for f in plain if f is not None]  # a state built by hand may lack the statistics fields
+    fields = [f if backend.name == "torch" else torch.from_numpy(np.asarray(backend.to_numpy(f))) for f in present]
     flat = torch.cat([f.reshape(-1).to(torch.float64) for f in fields])
     if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":
         flat = flat.cuda()
@@ -102,7 +114,17 @@ def all_reduce_state(state: CKAState, group: Any = None) -> CKAState:
         flat = flat.cpu()
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     out, offset = [], 0
-    for f in fields:
-        out.append(flat[offset:offset + f.numel()].reshape(f.shape).to(device=f.device, dtype=f.dtype))
+    for f, original in zip(fields, present, strict=True):
+        value = flat[offset : offset + f.numel()].reshape(f.shape)
         offset += f.numel()
-    return CKAState(*out)
+        if backend.name == "torch":
+            out.append(value.to(device=f.device, dtype=f.dtype))
+        else:
+            out.append(backend.cast(backend.xp.asarray(value.cpu().numpy()), original.dtype))
+    reduced = CKAState(*out, *[None] * (len(plain) - len(out)))
+    if plain is state:
+        return reduced
+    n1, n2 = reduced.hsic_xy.shape
+    bootstrap, permutations = replicate_counts(reduced)
+    empty = engine.init_state(n1, n2, like=reduced.hsic_xy, bootstrap=bootstrap, permutations=permutations)
+    return engine.merge_states(empty, reduced)

@@ -11,8 +11,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 
 class BasicBlock(nn.Module):
@@ -76,7 +76,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = functional.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -127,12 +127,24 @@ def export(model: nn.Module, example: torch.Tensor, path: Path, exporter: str, *
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             torch.onnx.export(
-                model, (example,), str(path), dynamo=False, input_names=["x"], output_names=["out"],
-                dynamic_axes={"x": {0: "n"}, "out": {0: "n"}}, **kwargs,
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["x"],
+                output_names=["out"],
+                dynamic_axes={"x": {0: "n"}, "out": {0: "n"}},
+                **kwargs,
             )
         else:
             torch.onnx.export(
-                model, (example,), str(path), dynamo=True, input_names=["x"],
-                dynamic_shapes=({0: torch.export.Dim("n")},), verbose=False, **kwargs,
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                input_names=["x"],
+                dynamic_shapes=({0: torch.export.Dim("n")},),
+                verbose=False,
+                **kwargs,
             )
     return path

@@ -128,6 +128,11 @@ def test_compare_onnx_torchscript_and_exported_program_files(workdir, tmp_path):
         assert float(run.stdout.splitlines()[1].split()[-1].strip("()")) == pytest.approx(1.0, abs=1e-4), other
     refused = cka("compare", "m.pt", "--data", "synthetic:3x8x8", "--layers1", "1", cwd=tmp_path)
     assert refused.returncode == 2 and "inner layers cannot be hooked" in refused.stderr
+    listed = cka("compare", "m.onnx", "--list-layers", cwd=tmp_path)  # the module names the CLI takes, then raw values
+    assert listed.returncode == 0, listed.stderr
+    lines = [line.strip() for line in listed.stdout.splitlines()]
+    assert "PyTorch module names (mapped to their ONNX values):" in lines and "ONNX values (also selectable):" in lines
+    assert any(line.startswith("1  -> ") for line in lines)
 
 
 def test_list_layers(workdir):

@@ -53,6 +53,17 @@ def test_invariant_to_orthogonal_transform_and_isotropic_scaling(data, unbiased)
     assert quiet_cka(scale * x @ q, y, kernel="rbf") == pytest.approx(quiet_cka(x, y, kernel="rbf"), abs=1e-9)
 
 
+@PROPERTY
+@given(features(max_d=60), st.integers(-300, 300), st.sampled_from(["linear", "rbf"]), st.booleans())
+def test_invariant_to_scaling_by_any_power_of_ten(data, power, kernel, unbiased):
+    """Scale-invariance holds numerically too, far beyond where x^2 over- or underflows float64 (1e+-154):
+    the products run on features rescaled by exact powers of two."""
+    x, y, _ = data
+    assert quiet_cka(x * 10.0**power, y, kernel=kernel, unbiased=unbiased) == pytest.approx(
+        quiet_cka(x, y, kernel=kernel, unbiased=unbiased), abs=1e-9
+    )
+
+
 def test_not_invariant_to_anisotropic_scaling(rng):
     x = rng.normal(size=(50, 4))
     y = x[:, :2] + 0.1 * rng.normal(size=(50, 2))
@@ -82,11 +93,11 @@ def test_hsic_unbiased_invariant_to_rank_one_offsets(data, c):
     """HSIC_1(K + a1^T + 1a^T + c11^T, L) = HSIC_1(K, L) exactly (DESIGN.md)."""
     x, y, rng = data
     n = x.shape[0]
-    k, l = ref.linear_gram(x), ref.rbf_gram(y)
+    k, g = ref.linear_gram(x), ref.rbf_gram(y)
     a = rng.normal(size=(n, 1)) * 5
     shifted = k + a @ np.ones((1, n)) + np.ones((n, 1)) @ a.T + c
-    base = float(cka.hsic_unbiased(k, l))
-    assert float(cka.hsic_unbiased(shifted, l)) == pytest.approx(base, abs=1e-9 * max(1.0, abs(base)))
+    base = float(cka.hsic_unbiased(k, g))
+    assert float(cka.hsic_unbiased(shifted, g)) == pytest.approx(base, abs=1e-9 * max(1.0, abs(base)))
 
 
 @PROPERTY

@@ -38,7 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, n_batches: int, out: "mp.Queue") -> None:
+def _worker(rank: int, world_size: int, port: int, n_batches: int, out: mp.Queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         state = all_reduce_state(accumulate(shard_batches(make_batches(n_batches))))
@@ -60,7 +60,7 @@ def test_two_gloo_ranks_equal_one_process(n_batches):
         p.join(timeout=60)
         assert p.exitcode == 0
     single = cka.finalize(accumulate(make_batches(n_batches))).numpy()
-    for rank, matrix, seen in results:
+    for _rank, matrix, seen in results:
         np.testing.assert_allclose(matrix, single, atol=1e-12, rtol=0)
         assert seen == n_batches  # every rank sees the count of the whole run
 

@@ -14,9 +14,8 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 jax.config.update("jax_enable_x64", True)  # as tests/conftest.py does for the whole suite
 
-from cka import core  # noqa: E402
+from cka import core, stream  # noqa: E402
 from cka import state as engine  # noqa: E402
-from cka.frontends import _jax_stream as stream  # noqa: E402
 from cka.frontends import jax as ckj  # noqa: E402
 
 EXACT = 1e-10
@@ -45,7 +44,7 @@ def _batches(rng: np.random.Generator, sizes: list[int]) -> tuple[list, list]:
 
 def _run_updates(xs: list, ys: list, size: int, **settings) -> ckj.CompensatedCKAState:
     state = ckj.init(len(xs[0]), len(ys[0]))
-    for bx, by in zip(xs, ys):
+    for bx, by in zip(xs, ys, strict=True):
         px, mask = ckj.pad_batch(bx, size)
         py, _ = ckj.pad_batch(by, size)
         state = ckj.update(state, px, py, mask, **settings)
@@ -88,7 +87,7 @@ def test_scan_update_equals_one_update_per_batch() -> None:
     assert stacked_x[1].shape == (5, N, 3, 4) and masks.shape == (5, N)
     scanned = ckj.scan_update(ckj.init(2, 2), stacked_x, stacked_y, masks)
     looped = _run_updates(xs, ys, N)
-    for a, b in zip(ckj.to_core_state(scanned), ckj.to_core_state(looped)):  # XLA may fuse differently: rounding
+    for a, b in zip(jax.tree.leaves(ckj.to_core_state(scanned)), jax.tree.leaves(ckj.to_core_state(looped)), strict=True):  # XLA may fuse differently: rounding
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=0)
     np.testing.assert_allclose(np.asarray(ckj.finalize(scanned)), engine.minibatch_cka_matrix(xs, ys), rtol=0, atol=EXACT)
 
@@ -146,7 +145,7 @@ def test_batch_with_too_few_valid_rows_adds_nothing(valid: int) -> None:
     padded_x, mask = ckj.pad_batch([a[:valid] for a in xs[0]], N)
     padded_y, _ = ckj.pad_batch([a[:valid] for a in ys[0]], N)
     after = ckj.update(state, padded_x, padded_y, mask)
-    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -178,7 +177,7 @@ def test_errors_name_the_problem_and_the_fix() -> None:
         ckj.update(state, x, [x])
     with pytest.raises(ValueError, match="unknown kernel 'rfb'"):
         ckj.update(state, [x], [x], kernel="rfb")
-    with pytest.raises(TypeError, match="CompensatedCKAState.*cka.state.CKAState"):
+    with pytest.raises(TypeError, match=r"CompensatedCKAState.*cka\.state\.CKAState"):
         ckj.update(engine.init_state(1, 1, like=x), [x], [x])
     with pytest.raises(ValueError, match="different layers"):
         ckj.merge(state, ckj.init(2, 1))
@@ -188,6 +187,28 @@ def test_errors_name_the_problem_and_the_fix() -> None:
         ckj.init(0, 1)
     with pytest.raises(ValueError, match=r"\(n_batches, n, \.\.\.\)"):
         ckj.scan_update(state, [jnp.ones(8)], [jnp.ones(8)])
+    with pytest.raises(TypeError, match=r"unbiased must be True or False; got 'no'"):
+        ckj.update(state, [x], [x], unbiased="no")
+    with pytest.raises(TypeError, match=r"unbiased must be True or False"):
+        ckj.scan_update(state, [x[None]], [x[None]], unbiased=None)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_the_stream_is_the_one_accumulator(kernel: str) -> None:
+    # cka.frontends.jax's names are thin jitted names over cka.state: the same state type, and
+    # ckj.update gives what cka.update_state gives on a compensated state (to rounding)
+    assert ckj.CompensatedCKAState is engine.CompensatedCKAState
+    assert ckj.update.__module__ == "cka.stream"
+    rng = np.random.default_rng(10)
+    xs, ys = _batches(rng, [N, N])
+    streamed, direct = ckj.init(2, 2), engine.init_state(2, 2, like=jnp.zeros(()), compensated=True)
+    for bx, by in zip(xs, ys, strict=True):
+        jx, jy = [jnp.asarray(a) for a in bx], [jnp.asarray(a) for a in by]
+        streamed = ckj.update(streamed, jx, jy, kernel=kernel)
+        direct = engine.update_state(direct, jx, jy, mask=jnp.ones(N, bool), kernel=kernel)
+    for a, b in zip(jax.tree.leaves(streamed.sums), jax.tree.leaves(direct.sums), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(ckj.finalize(streamed)), np.asarray(engine.finalize(direct)), rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch", "jax"])

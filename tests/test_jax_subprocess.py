@@ -160,3 +160,24 @@ def test_two_devices_equal_one_device() -> None:
     assert result["shard_map_vs_single"] < 1e-12
     assert result["n_batches"] == [5.0, 5.0]  # the padding batch was not counted
     assert result["n_examples"] == 75.0
+
+
+ENGINE_SCRIPT = """
+import json
+import jax
+from tests import test_engine
+print(json.dumps({"x64": bool(jax.config.jax_enable_x64), "errors": test_engine.errors_of(x64=False)}))
+"""
+
+
+def test_engine_paths_without_x64() -> None:
+    # tests/test_engine.py's paths that need float32 accumulators (x64 off), in a fresh interpreter
+    from tests import test_engine
+
+    result = _run(ENGINE_SCRIPT)
+    assert result["x64"] is False
+    expected = {p.name: p for p in test_engine.PATHS if p.x64 is False}
+    assert set(result["errors"]) == set(expected)
+    failures = {name: errors for name, errors in result["errors"].items()
+                if max(errors.values()) > expected[name].tol}
+    assert not failures, f"paths beyond their tolerance: {failures}"

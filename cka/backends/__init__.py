@@ -5,8 +5,10 @@ framework is already in ``sys.modules`` (so ``import cka`` imports neither torch
 the choice per array type, and each backend imports its framework inside its constructor.
 JAX reuses the numpy implementation with ``jax.numpy`` swapped in and adds ``jax.jit``.
 
-The protocol is CKA-shaped: flatten, center, matmul, sums, zero the diagonal, exp/sqrt, casts to
-the accumulator dtype, and a few value checks that the public API runs outside traces only.
+The protocol is CKA-shaped: flatten, center, matmul (at a chosen Gram precision), sums, zero the
+diagonal, exp/sqrt, casts to the accumulator dtype, and a few value checks that the public API runs
+outside traces only. The one dtype rule (:meth:`Backend.gram_dtype`, :meth:`Backend.accumulator_dtype`)
+lives in the backends and nowhere else.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from cka.backends._base import Backend
+from cka.backends._base import PRECISIONS, Backend
 
-__all__ = ["Backend", "get_backend", "backend_for"]
+__all__ = ["PRECISIONS", "Backend", "backend_for", "get_backend"]
 
 # module name in sys.modules -> (import path of the backend module, class name)
 _REGISTRY: dict[str, tuple[str, str]] = {

@@ -1,15 +1,20 @@
-"""The one notion every frontend shares: a feature extractor.
+"""The one interface between models and the comparer: a feature extractor.
 
-A comparison pairs two extractors (a PyTorch module, an ONNX graph, a JAX function, ...) and feeds
-the Grams of their selected layers, batch by batch, to the core accumulator. A third framework is
-one small subclass: implement :meth:`FeatureExtractor.layer_names` and :meth:`FeatureExtractor.features`.
+A comparison (:class:`cka.compare.CKA`) pairs two extractors (a PyTorch module, an ONNX graph, a
+JAX function, ...) and feeds the Grams of their selected layers, batch by batch, to the accumulator
+(:mod:`cka.state`). A third framework is one small subclass: implement
+:meth:`FeatureExtractor.layer_names` and :meth:`FeatureExtractor.features`. Everything else the
+comparer asks of an extractor has a default here, so the comparer never branches on a frontend's type.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 Array = Any
 
@@ -34,11 +39,17 @@ class FeatureExtractor(ABC):
     def features(self, batch: Any) -> dict[str, Array]:
         """Selected layer name -> ``(n, ...)`` array for one batch, in :meth:`layer_names` order."""
 
-    def grams(self, batch: Any, gram_fn: Callable[[Array], Array]) -> list[Array]:
-        """One ``(n, n)`` Gram per selected layer for ``batch``, in :meth:`layer_names` order."""
+    def grams(self, batch: Any, gram_fn: Callable[[Array], Array]) -> Sequence[Array]:
+        """One ``(n, n)`` Gram per selected layer for ``batch``, in :meth:`layer_names` order: a list, or
+        one ``(L, n, n)`` array (preferred: :class:`cka.frontends._common.GramStack` fills one in place,
+        so no list of Grams and no stacked copy exist beside it). The comparer reads the result before
+        it asks for the next batch, so a stack may be reused from batch to batch.
+
+        Grams come in the extractor's own array type (numpy, torch on the model's device, JAX); the
+        comparer converts when the two sides differ."""
         return [gram_fn(f) for f in self.features(batch).values()]
 
-    def bind(self, *, layers: Any = None, other: "FeatureExtractor | None" = None) -> None:
+    def bind(self, *, layers: Any = None, other: FeatureExtractor | None = None) -> None:
         """Prepare for a comparison: called once by :class:`cka.CKA` (in its constructor) before any batch.
 
         Parameters
@@ -71,8 +82,31 @@ class FeatureExtractor(ABC):
         frontends that can hash their weights (torch, ONNX) do."""
         return f"{type(self).__name__}:{self.name}:{','.join(self.layer_names())}"
 
-    def __enter__(self) -> "FeatureExtractor":
+    def start_run(self) -> None:
+        """Called by the comparer before the first batch of every :meth:`cka.CKA.compare`: reset per-run
+        bookkeeping (the torch frontend's count of layers that ran twice). Default: nothing."""
+        return None
+
+    def run_warnings(self) -> list[tuple[str, type[Warning]]]:
+        """``(message, category)`` pairs the comparer emits after a run (the torch frontend: layers that
+        ran more than once per forward pass). Default: none."""
+        return []
+
+    def home_device(self) -> Any:
+        """The torch device this extractor's Grams live on, or ``None`` if it does not produce torch
+        tensors. A ``torch.distributed`` rank that saw no batch keeps its zero sums there for the
+        all-reduce. Default: ``None``."""
+        return None
+
+    def token_counts(self) -> Any:
+        """When the rows of the last batch's Grams are tokens rather than the batch's examples (token
+        features with ``tokens="all"``, :mod:`cka.frontends.tokens`): the real tokens of each sequence,
+        a ``(b,)`` integer array, so that the comparer can check that both sides saw the same tokens and
+        count sequences. Default: ``None`` (one row per example)."""
+        return None
+
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         return None

@@ -40,10 +40,8 @@ dict of intermediates; :class:`JaxModel` wraps any of them as a
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -51,9 +49,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from cka import core
-from cka.frontends._jax_stream import (
+from cka.compare import GramShapeError
+from cka.frontends._common import (
+    call_arguments,
+    core_gram_settings,
+    default_inputs,
+    is_pattern,
+    select_names,
+)
+from cka.frontends.base import FeatureExtractor
+from cka.stream import (
     CompensatedCKAState,
     finalize,
+    finalize_statistics,
     init,
     merge,
     pad_batch,
@@ -63,7 +71,6 @@ from cka.frontends._jax_stream import (
     to_core_state,
     update,
 )
-from cka.frontends.base import FeatureExtractor
 
 Array = Any
 
@@ -73,6 +80,7 @@ __all__ = [
     "capture_linen",
     "capture_nnx",
     "finalize",
+    "finalize_statistics",
     "flatten_intermediates",
     "init",
     "merge",
@@ -130,7 +138,10 @@ def flatten_intermediates(tree: Mapping[Any, Any]) -> dict[str, Array]:
         tree = _flax("nnx").to_pure_dict(tree)
     visit(tree, ())
     # the model's own output last, so rows run from input to output
-    return {**{k: v for k, v in flat.items() if k.split(":")[0] != _CALL}, **{k: v for k, v in flat.items() if k.split(":")[0] == _CALL}}
+    return {
+        **{k: v for k, v in flat.items() if k.split(":")[0] != _CALL},
+        **{k: v for k, v in flat.items() if k.split(":")[0] == _CALL},
+    }
 
 
 def _flax(submodule: str) -> Any:
@@ -184,56 +195,6 @@ def capture_nnx(model: Any, *args: Any, method_outputs: bool = True, **kwargs: A
     return output, flatten_intermediates(intermediates)
 
 
-_GLOB = set("*?[")
-
-
-def select_names(available: Sequence[str], layers: Any, *, what: str = "layers") -> list[str]:
-    """Resolve a selection against captured names: ``None`` (all), an exact name, a glob pattern
-    (``"block*.Dense_?"``), a callable ``name -> bool``, or a list of them (rows follow the list; a
-    pattern expands in capture order).
-
-    Raises
-    ------
-    ValueError
-        A name that was not captured (with close matches), a pattern that selects nothing, a layer
-        selected twice, or an empty selection.
-    """
-    import difflib
-
-    available = list(available)
-    if layers is None:
-        if not available:
-            raise ValueError(f"{what}: the model captured no intermediates; sow values or enable capture.")
-        return available
-    if isinstance(layers, str) or callable(layers):
-        layers = [layers]
-    chosen: dict[str, Any] = {}
-    for spec in layers:
-        if isinstance(spec, str) and not (_GLOB & set(spec)):
-            if spec not in available:
-                close = difflib.get_close_matches(spec, available, n=5, cutoff=0.5)
-                raise ValueError(
-                    f"{what}: no captured intermediate is named {spec!r}; "
-                    f"{f'close matches: {close}' if close else f'captured: {available[:12]}'}."
-                )
-            matched = [spec]
-        elif isinstance(spec, str):
-            matched = [n for n in available if fnmatch.fnmatchcase(n, spec)]
-        elif callable(spec):
-            matched = [n for n in available if spec(n)]
-        else:
-            raise TypeError(f"{what}: each entry must be a name, a glob pattern or a callable name -> bool; got {spec!r}.")
-        if not matched:
-            raise ValueError(f"{what}: {spec!r} selects none of the captured intermediates {available[:12]}.")
-        for name in matched:
-            if name in chosen:
-                raise ValueError(f"{what}: layer {name!r} is selected twice; each layer may appear once.")
-            chosen[name] = spec
-    if not chosen:
-        raise ValueError(f"{what} is empty: select at least one layer, or pass None for all.")
-    return list(chosen)
-
-
 def _to_jax(value: Any) -> Any:
     """Every torch tensor (by DLPack, no copy on a shared device) and numpy array inside nested
     tuples, lists and dicts as a JAX array."""
@@ -244,7 +205,12 @@ def _to_jax(value: Any) -> Any:
             tensor = tensor.contiguous()
         try:
             return jnp.from_dlpack(tensor)
-        except Exception:  # a device or dtype JAX cannot share (e.g. MPS): one copy through the host
+        except (
+            RuntimeError,
+            TypeError,
+            ValueError,
+            BufferError,
+        ):  # a device or dtype JAX cannot share (e.g. MPS): via the host
             return jnp.asarray(tensor.cpu().numpy())
     if isinstance(value, np.ndarray):
         return jnp.asarray(value)
@@ -255,29 +221,6 @@ def _to_jax(value: Any) -> Any:
     return value
 
 
-def _to_torch(array: Array) -> Any:
-    """A JAX array as a torch tensor by DLPack (zero-copy on a shared device)."""
-    import torch
-
-    try:
-        return torch.from_dlpack(array)
-    except Exception:  # no DLPack route between these devices: one copy through the host
-        return torch.from_numpy(np.asarray(jax.device_get(array)))
-
-
-def _default_inputs(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Model inputs from a batch, as the PyTorch frontend reads them: an array is the input; a tuple
-    or list is ``(inputs, targets, ...)`` and its first element is the input (a dict: keyword
-    arguments); a dict is keyword arguments."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("got an empty tuple/list as a batch; expected (inputs, targets, ...).")
-        batch = batch[0]
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    return (batch,), {}
-
-
 class JaxModel(FeatureExtractor):
     """A JAX model (Flax linen, Flax nnx, or any function returning intermediates) as one side of a
     :class:`cka.CKA` comparison, or a source of per-layer features for :func:`update`.
@@ -285,7 +228,8 @@ class JaxModel(FeatureExtractor):
     Build it with :meth:`from_linen`, :meth:`from_nnx`, or directly from ``fn(*inputs)`` (or
     ``fn(params, *inputs)`` with ``params=``) returning a nested dict of intermediates, or
     ``(output, dict)``. The forward pass and the selected layers' Grams run in one jitted program,
-    so only ``(n, n)`` Grams leave it (memory ``O(L n^2)``), and they reach PyTorch by DLPack.
+    so only one ``(L, n, n)`` stack of Grams leaves it (memory ``O(L n^2)``); the comparer hands it to PyTorch by
+    DLPack when the other side is a torch model.
 
     Parameters
     ----------
@@ -348,18 +292,26 @@ class JaxModel(FeatureExtractor):
         method: Any = None,
         capture: Any = True,
         **apply_kwargs: Any,
-    ) -> "JaxModel":
+    ) -> JaxModel:
         """A Flax linen module with its ``variables``; intermediates from :func:`capture_linen`.
 
         ``apply_kwargs`` go to every call (e.g. ``train=False`` for BatchNorm/Dropout in eval mode).
         """
 
         def fn(variables: Any, *args: Any, **kwargs: Any) -> dict[str, Array]:
-            _, captured = capture_linen(module, variables, *args, method=method, capture=capture, **apply_kwargs, **kwargs)
+            _, captured = capture_linen(
+                module, variables, *args, method=method, capture=capture, **apply_kwargs, **kwargs
+            )
             return captured
 
-        return cls(fn, layers, params=variables, example=example, inputs=inputs,
-                   name=name if name is not None else type(module).__name__)
+        return cls(
+            fn,
+            layers,
+            params=variables,
+            example=example,
+            inputs=inputs,
+            name=name if name is not None else type(module).__name__,
+        )
 
     @classmethod
     def from_nnx(
@@ -372,7 +324,7 @@ class JaxModel(FeatureExtractor):
         inputs: Callable[[Any], Any] | None = None,
         eval_mode: bool = True,
         method_outputs: bool = True,
-    ) -> "JaxModel":
+    ) -> JaxModel:
         """A Flax nnx module; intermediates from :func:`capture_nnx`.
 
         The model is split into its graph and state once; every batch runs a fresh copy merged
@@ -389,8 +341,14 @@ class JaxModel(FeatureExtractor):
             _, captured = capture_nnx(copy, *args, method_outputs=method_outputs, **kwargs)
             return captured
 
-        return cls(fn, layers, params=state, example=example, inputs=inputs,
-                   name=name if name is not None else type(model).__name__)
+        return cls(
+            fn,
+            layers,
+            params=state,
+            example=example,
+            inputs=inputs,
+            name=name if name is not None else type(model).__name__,
+        )
 
     # -- selection -----------------------------------------------------------------------------
 
@@ -418,17 +376,19 @@ class JaxModel(FeatureExtractor):
         """Resolve ``layers`` (exact names need no trace) and (re)build the jitted programs, which
         read the selection when they are traced."""
         names = [layers] if isinstance(layers, str) else layers
-        exact = isinstance(names, (list, tuple)) and names and all(
-            isinstance(s, str) and not (_GLOB & set(s)) for s in names
+        exact = (
+            isinstance(names, (list, tuple)) and names and all(isinstance(s, str) and not is_pattern(s) for s in names)
         )
         if exact and self._example is None:
-            if len(set(names)) != len(names):
-                raise ValueError(f"layers: a layer is selected twice in {list(names)}; each layer may appear once.")
-            self._layers = list(names)  # checked against the capture at the first batch
+            # checked against the capture at the first batch; duplicates now, in the shared wording
+            self._layers = select_names(list(dict.fromkeys(names)), names, what="layers", owner=self.name)
         else:
-            self._layers = select_names(self.available_layers(), layers)
+            available = self.available_layers()
+            if layers is None and not available:
+                raise ValueError(f"layers: {self.name} captured no intermediates; sow values or enable capture.")
+            self._layers = select_names(available, layers, what="layers", owner=self.name, listing=_LISTING)
         self._features_jit = jax.jit(self._selected)
-        self._grams_jit = jax.jit(self._selected_grams, static_argnames=("kernel",))
+        self._grams_jit = jax.jit(self._selected_grams, static_argnames=("kernel", "precision"))
 
     def _selection(self) -> list[str]:
         if self._layers is None:
@@ -452,13 +412,7 @@ class JaxModel(FeatureExtractor):
     # -- running -------------------------------------------------------------------------------
 
     def _model_inputs(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        value = self._inputs(batch) if self._inputs is not None else batch
-        if self._inputs is not None:
-            args, kwargs = ((), dict(value)) if isinstance(value, Mapping) else (
-                (tuple(value), {}) if isinstance(value, (tuple, list)) else ((value,), {})
-            )
-        else:
-            args, kwargs = _default_inputs(value)
+        args, kwargs = call_arguments(self._inputs(batch)) if self._inputs is not None else default_inputs(batch)
         return _to_jax(args), _to_jax(kwargs)
 
     def _captured(self, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Array]:
@@ -474,51 +428,47 @@ class JaxModel(FeatureExtractor):
     def _selected(self, params: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Array]:
         captured = self._captured(params, args, kwargs)
         missing = [name for name in self._selection() if name not in captured]
-        if missing:
-            select_names(list(captured), missing)  # raises with close matches
+        if missing:  # raises: the unknown-name error, with close matches among the captured names
+            select_names(list(captured), missing, what="layers", owner=self.name, listing=_LISTING)
         return [captured[name] for name in self._selection()]
 
-    def _selected_grams(self, params: Any, args: Any, kwargs: Any, sigma: Any, sigma_frac: Any, kernel: str) -> list[Array]:
+    def _selected_grams(
+        self, params: Any, args: Any, kwargs: Any, sigma: Any, sigma_frac: Any, kernel: str, precision: str = "highest"
+    ) -> Array:
         # The core's Gram (centred features, product in the feature dtype), traced into the same
-        # program as the forward pass, so XLA frees each feature map once its Gram exists.
-        return [core._gram_impl(f, kernel, sigma, sigma_frac) for f in self._selected(params, args, kwargs)]
+        # program as the forward pass and stacked there, so XLA frees each feature map once its Gram
+        # exists and writes the Grams straight into one (L, n, n) output.
+        grams = [core._gram_impl(f, kernel, sigma, sigma_frac, None, precision) for f in self._selected(params, args, kwargs)]
+        names = self._selection()
+        for name, gram in zip(names, grams, strict=True):  # static shapes: checked while tracing
+            if gram.shape != grams[0].shape:
+                raise GramShapeError(name, tuple(gram.shape), names[0], grams[0].shape[-1])
+        return jnp.stack(grams)
 
     def features(self, batch: Any) -> dict[str, Array]:
         """Selected layer name -> ``(n, ...)`` JAX array for one batch (jitted forward pass)."""
         args, kwargs = self._model_inputs(batch)
         names = self._selection()
-        return dict(zip(names, self._features_jit(self._params, args, kwargs)))
+        return dict(zip(names, self._features_jit(self._params, args, kwargs), strict=True))
 
-    def grams(self, batch: Any, gram_fn: Callable[[Array], Array]) -> list[Array]:
-        """One ``(n, n)`` Gram per selected layer; torch tensors (by DLPack) when torch is loaded.
+    def grams(self, batch: Any, gram_fn: Callable[[Array], Array]) -> Array | list[Array]:
+        """The selected layers' Grams as one ``(L, n, n)`` JAX array (the comparer moves them to torch by
+        DLPack when the other side is torch).
 
         When ``gram_fn`` is :func:`cka.core.gram` with keyword settings (what :class:`cka.CKA`
-        passes), the Grams are computed inside the jitted forward pass; any other ``gram_fn`` is
-        applied to the JAX features.
+        passes), the Grams are computed and stacked inside the jitted forward pass; any other
+        ``gram_fn`` is applied to the JAX features (a list).
         """
-        settings = _core_gram_settings(gram_fn)
+        settings = core_gram_settings(gram_fn)
         self._selection()
-        if settings is not None:
-            args, kwargs = self._model_inputs(batch)
-            grams = self._grams_jit(self._params, args, kwargs, settings["sigma"], settings["sigma_frac"],
-                                    kernel=settings["kernel"])
-        else:
-            grams = [gram_fn(f) for f in self.features(batch).values()]
-        if "torch" in sys.modules:
-            return [_to_torch(g) if isinstance(g, jax.Array) else g for g in grams]
-        return list(grams)
+        if settings is None:
+            return [gram_fn(f) for f in self.features(batch).values()]
+        args, kwargs = self._model_inputs(batch)
+        return self._grams_jit(
+            self._params, args, kwargs, settings["sigma"], settings["sigma_frac"], kernel=settings["kernel"],
+            precision=settings["gram_precision"],
+        )
 
 
-def _core_gram_settings(gram_fn: Callable[..., Any]) -> dict[str, Any] | None:
-    """``{"kernel", "sigma", "sigma_frac"}`` if ``gram_fn`` is ``functools.partial(cka.core.gram, ...)``."""
-    if not (isinstance(gram_fn, functools.partial) and gram_fn.func is core.gram and not gram_fn.args):
-        return None
-    keywords = dict(gram_fn.keywords)
-    keywords.pop("check", None)
-    settings = {"kernel": "linear", "sigma": None, "sigma_frac": 0.8}
-    if set(keywords) - set(settings):
-        return None
-    settings.update(keywords)
-    core._check_kernel(settings["kernel"])
-    return settings
-
+#: How to list a JaxModel's names, for the unknown-name error.
+_LISTING = "List the captured names with JaxModel.available_layers() (needs example=)."

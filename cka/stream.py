@@ -1,16 +1,19 @@
-r"""The JAX streaming state behind :mod:`cka.frontends.jax` (import it from there).
+r"""Jitted JAX streaming names over :mod:`cka.state` (import them from :mod:`cka.frontends.jax`).
 
-A compensated :class:`~cka.state.CKAState` (sums plus their rounding errors) with jitted, pure
-``init / update / scan_update / merge / psum / finalize``; padding helpers for ragged batches. The
-per-batch HSIC terms are the core's (:func:`cka.core._gram_impl`, :func:`cka.state._update_from_grams_impl`);
-this module adds masks, compensation and the jit/scan/shard_map plumbing.
+``init / update / scan_update / merge / psum / finalize`` on a :class:`~cka.state.CompensatedCKAState`
+(the sums plus their rounding errors, float64 with ``jax_enable_x64``, else float32), and
+``pad_batch`` / ``stack_batches`` for ragged batches. Every update is :func:`cka.state._update_impl`,
+the body of :func:`cka.update_state`: the same Grams, HSIC terms, double-centring, compensation
+and skip-by-``where``. This module adds only what is JAX's own: ``jax.jit``, ``lax.scan``, the
+``shard_map`` collective, an always-present mask (one compiled program for ragged batches), and
+no value check before :func:`finalize` (no host round-trip per batch).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +21,14 @@ import numpy as np
 
 from cka import core
 from cka import state as engine
-from cka.state import CKAState
+from cka.state import CKAState, CKAStatistics, CompensatedCKAState
 
 Array = Any
 
 __all__ = [
     "CompensatedCKAState",
     "finalize",
+    "finalize_statistics",
     "init",
     "merge",
     "pad_batch",
@@ -36,76 +40,33 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# The compensated state
-# --------------------------------------------------------------------------------------------
-
-
-class CompensatedCKAState(NamedTuple):
-    r"""Minibatch CKA sums with their rounding errors: the exact sums are ``sums + compensation``.
-
-    A pytree of arrays (jit, scan, vmap, shard), float64 with ``jax_enable_x64``, else float32.
-
-    Attributes
-    ----------
-    sums : CKAState
-        Running sums :math:`\sum_b \mathrm{HSIC}(K_b^{(i)}, L_b^{(j)})` ``(L1, L2)``, the self terms
-        ``(L1,)``, ``(L2,)``, examples and batches (0-d), as in :class:`cka.state.CKAState`.
-    compensation : CKAState
-        The rounding error of every addition so far, accumulated (same shapes). Without it,
-        float32 sums drift by about ``eps * n_batches`` (1e-4 relative after 10^6 batches).
-    """
-
-    sums: CKAState
-    compensation: CKAState
-
-
 def _accumulator_dtype() -> Any:
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
-def init(n_layers_x: int, n_layers_y: int) -> CompensatedCKAState:
+def init(n_layers_x: int, n_layers_y: int, *, bootstrap: int = 0, permutations: int = 0) -> CompensatedCKAState:
     """An empty state for ``n_layers_x x n_layers_y`` layer pairs (zeros in the accumulator dtype).
 
     Parameters
     ----------
     n_layers_x, n_layers_y : int
-        Layers of the first and second model (rows and columns of the CKA matrix).
+        Layers of the first and second model (rows and columns of the CKA matrix), at least 1.
+    bootstrap, permutations : int
+        Also keep bootstrap replicates and permutation-null sums (:mod:`cka.statistics`): then every
+        update needs ``batch_index``, and :func:`finalize_statistics` reads intervals and p-values.
     """
-    for name, value in (("n_layers_x", n_layers_x), ("n_layers_y", n_layers_y)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int (a number of layers); got {value!r}.")
-    zeros = engine.init_state(int(n_layers_x), int(n_layers_y), like=jnp.zeros((), _accumulator_dtype()))
-    return CompensatedCKAState(zeros, zeros)
-
-
-def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
-    r"""``s = fl(a + b)`` and its exact rounding error ``e``: :math:`a + b = s + e` exactly.
-
-    Knuth's branch-free TwoSum (TAOCP vol. 2, 4.2.2), valid for any magnitudes of ``a`` and ``b``
-    (unlike Kahan's FastTwoSum, which needs ``|a| >= |b|``; per-batch HSIC terms may be negative).
-    XLA keeps IEEE semantics (no reassociation), so the error term survives compilation.
-    """
-    s = a + b
-    b_virtual = s - a
-    return s, (a - (s - b_virtual)) + (b - b_virtual)
-
-
-def _add(state: CompensatedCKAState, delta: CKAState, compensation: CKAState | None = None) -> CompensatedCKAState:
-    """``state + delta`` with the rounding error of each sum kept in the compensation."""
-    pairs = [_two_sum(s, d) for s, d in zip(state.sums, delta)]
-    extra = compensation if compensation is not None else [0.0] * len(pairs)
-    return CompensatedCKAState(
-        CKAState(*(s for s, _ in pairs)),
-        CKAState(*(c + e + x for c, (_, e), x in zip(state.compensation, pairs, extra))),
+    like = jnp.zeros((), _accumulator_dtype())
+    state = engine.init_state(
+        n_layers_x, n_layers_y, like=like, compensated=True, bootstrap=bootstrap, permutations=permutations
     )
+    return cast(CompensatedCKAState, state)
 
 
 def to_core_state(state: CompensatedCKAState) -> CKAState:
     """The compensated sums folded into a plain :class:`cka.state.CKAState` (``sums + compensation``),
     e.g. to merge with a state from PyTorch (after ``numpy.asarray``) or to save it."""
     _check_state(state)
-    return CKAState(*(s + c for s, c in zip(state.sums, state.compensation)))
+    return engine.folded(state)
 
 
 def _check_state(state: Any, name: str = "state") -> None:
@@ -113,7 +74,8 @@ def _check_state(state: Any, name: str = "state") -> None:
         hint = (
             " It is a cka.state.CKAState: the JAX functions keep compensated sums; start from "
             "cka.frontends.jax.init(L1, L2), or use cka.state.update_state with core states."
-            if isinstance(state, CKAState) else " Start from cka.frontends.jax.init(L1, L2)."
+            if isinstance(state, CKAState)
+            else " Start from cka.frontends.jax.init(L1, L2)."
         )
         raise TypeError(f"{name} must be a CompensatedCKAState; got {type(state).__name__}.{hint}")
 
@@ -123,54 +85,58 @@ def _check_state(state: Any, name: str = "state") -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _update_step(
-    state: CompensatedCKAState, xs: Sequence[Array], ys: Sequence[Array], mask: Array,
-    kernel: str, unbiased: bool, sigma: Any, sigma_frac: Any,
+def _step(
+    state: CompensatedCKAState,
+    xs: Sequence[Array],
+    ys: Sequence[Array],
+    mask: Array,
+    kernel: str,
+    unbiased: bool,
+    sigma: Any,
+    sigma_frac: Any,
+    batch_index: Any = None,
+    seed: int = 0,
 ) -> CompensatedCKAState:
-    """One masked batch into ``state``; traceable (no value checks), the body of jit and scan."""
-    # The per-batch terms are the core's (centred features, one Gram per layer, all pairs from one
-    # product), added to a zero state so that nothing of the math is repeated here.
-    zero = engine.init_state(len(xs), len(ys), like=state.sums.hsic_xy)
-    grams_x = [core._gram_impl(x, kernel, sigma, sigma_frac, mask) for x in xs]
-    grams_y = [core._gram_impl(y, kernel, sigma, sigma_frac, mask) for y in ys]
-    n = jnp.sum(mask.astype(zero.hsic_xy.dtype))
-    if kernel != "linear":  # linear Grams of centred features are centred already
-        grams_x = [_center_gram(k, mask, n) for k in grams_x]
-        grams_y = [_center_gram(k, mask, n) for k in grams_y]
-    delta = engine._update_from_grams_impl(zero, grams_x, grams_y, n, unbiased)
-    # Fewer valid rows than the estimator needs (an all-padding batch): add nothing, like the
-    # core skips such batches; ``where`` also drops the NaN of the 0/0 such a batch computes.
-    enough = delta.n_examples >= core.min_examples(unbiased)
-    delta = CKAState(*(jnp.where(enough, d, jnp.zeros_like(d)) for d in delta))
-    return _add(state, delta)
+    """One masked batch into ``state``: :func:`cka.state._update_impl` without its flags."""
+    new_state, _ = engine._update_impl(state, xs, ys, mask, kernel, unbiased, sigma, sigma_frac, batch_index, seed)
+    return cast(CompensatedCKAState, new_state)  # a compensated state stays compensated
 
 
-def _center_gram(gram: Array, mask: Array, n: Array) -> Array:
-    r""":math:`HKH` over the valid rows (:math:`H = I - 11^\top/n` there), padded rows and columns kept zero.
-
-    Every HSIC estimator here is exactly invariant to :math:`K \to K + a1^\top + 1a^\top + c11^\top`
-    (DESIGN.md), and :math:`HKH` is of that form; it removes the large mean of RBF kernel entries
-    (all in (0, 1]) whose squares otherwise cancel in the float32 HSIC terms (error 2e-5 -> 1e-7).
-    """
-    valid = mask.astype(gram.dtype)
-    rows = jnp.sum(gram, axis=1) / n  # padded entries are zero: sums over the valid ones
-    total = jnp.sum(rows) / n
-    centered = gram - rows[:, None] - rows[None, :] + total
-    return centered * valid[:, None] * valid[None, :]
-
-
-@functools.partial(jax.jit, static_argnames=("kernel", "unbiased"))
-def _update_jit(state, xs, ys, mask, kernel, unbiased, sigma, sigma_frac):  # noqa: ANN001, ANN202
-    return _update_step(state, xs, ys, mask, kernel, unbiased, sigma, sigma_frac)
+@functools.partial(jax.jit, static_argnames=("kernel", "unbiased", "seed"))
+def _update_jit(
+    state: CompensatedCKAState,
+    xs: list[Array],
+    ys: list[Array],
+    mask: Array,
+    kernel: str,
+    unbiased: bool,
+    sigma: Any,
+    sigma_frac: Any,
+    batch_index: Any = None,
+    seed: int = 0,
+) -> CompensatedCKAState:
+    return _step(state, xs, ys, mask, kernel, unbiased, sigma, sigma_frac, batch_index, seed)
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "unbiased"))
-def _scan_jit(state, xs, ys, masks, kernel, unbiased, sigma, sigma_frac):  # noqa: ANN001, ANN202
-    def body(carry: CompensatedCKAState, batch: tuple[Any, Any, Any]) -> tuple[CompensatedCKAState, None]:
-        bx, by, m = batch
-        return _update_step(carry, bx, by, m, kernel, unbiased, sigma, sigma_frac), None
+@functools.partial(jax.jit, static_argnames=("kernel", "unbiased", "seed"))
+def _scan_jit(
+    state: CompensatedCKAState,
+    xs: list[Array],
+    ys: list[Array],
+    masks: Array,
+    kernel: str,
+    unbiased: bool,
+    sigma: Any,
+    sigma_frac: Any,
+    batch_indices: Array,
+    seed: int = 0,
+) -> CompensatedCKAState:
+    def body(carry: CompensatedCKAState, batch: tuple[Any, Any, Any, Any]) -> tuple[CompensatedCKAState, None]:
+        bx, by, m, index = batch
+        return _step(carry, bx, by, m, kernel, unbiased, sigma, sigma_frac, index, seed), None
 
-    state, _ = jax.lax.scan(body, _vary_like(state, (xs, ys, masks)), (list(xs), list(ys), masks))
+    inputs = (list(xs), list(ys), masks, batch_indices)
+    state, _ = jax.lax.scan(body, _vary_like(state, inputs), inputs)
     return state
 
 
@@ -204,19 +170,25 @@ def _varying_axes(x: Array) -> set[Any]:
 
 
 def _check_batch(
-    state: CompensatedCKAState, xs: Sequence[Array], ys: Sequence[Array], mask: Array | None,
-    kernel: str, leading: int,
+    state: CompensatedCKAState,
+    xs: Sequence[Array],
+    ys: Sequence[Array],
+    mask: Array | None,
+    kernel: str,
+    unbiased: Any,
+    leading: int,
 ) -> tuple[int, ...]:
     """Static checks of one (``leading=0``) or a stack of (``leading=1``) batches; returns the
     leading shape ``(n,)`` or ``(B, n)``. Only shapes are read, so this also runs under a trace."""
     _check_state(state)
     core._check_kernel(kernel)
+    core._check_unbiased(unbiased)
     if not isinstance(xs, (list, tuple)) or not isinstance(ys, (list, tuple)):
         raise TypeError(
             f"xs and ys must be lists (or tuples) of per-layer arrays; got {type(xs).__name__} and "
             f"{type(ys).__name__}. Wrap a single layer as [x]."
         )
-    layers = (int(state.sums.hsic_xx.shape[-1]), int(state.sums.hsic_yy.shape[-1]))
+    layers = engine._layers(state)
     if (len(xs), len(ys)) != layers:
         raise ValueError(
             f"the state was made for {layers[0]} x {layers[1]} layers but this batch has {len(xs)} x "
@@ -256,13 +228,16 @@ def update(
     unbiased: bool = True,
     sigma: float | None = None,
     sigma_frac: float = 0.8,
+    batch_index: Any = None,
+    seed: int = 0,
 ) -> CompensatedCKAState:
     r"""Add one batch to ``state``: one Gram per layer, all pairs from one matrix product, jitted.
 
     .. math:: S_{ij} \mathrel{+}= \mathrm{HSIC}_1(K^{(i)}, L^{(j)}),\quad
               S^{x}_i \mathrel{+}= \mathrm{HSIC}_1(K^{(i)}, K^{(i)}),\quad S^{y}_j \mathrel{+}= \mathrm{HSIC}_1(L^{(j)}, L^{(j)})
 
-    with :math:`K^{(i)}` the kernel of ``xs[i]`` over the valid rows (Nguyen et al. 2021).
+    with :math:`K^{(i)}` the kernel of ``xs[i]`` over the valid rows (Nguyen et al. 2021); the same
+    computation as :func:`cka.update_state`.
 
     Parameters
     ----------
@@ -279,6 +254,10 @@ def update(
         fewer than 4 valid rows (2 if biased) adds nothing.
     kernel, unbiased, sigma, sigma_frac
         As in :func:`cka.cka`; ``kernel`` and ``unbiased`` are static (one compilation each).
+    batch_index, seed : int
+        For a state with statistics (:func:`init`'s ``bootstrap``, ``permutations``): the batch's
+        position in the whole stream (over all devices, hosts and resumes; may be a traced int32)
+        and the seed (static), which key its bootstrap weights and permutations.
 
     Returns
     -------
@@ -287,10 +266,14 @@ def update(
         lambda first) and inside ``lax.scan`` (or use :func:`scan_update`). No host transfer, no
         value checks: NaN/Inf features surface in :func:`finalize`.
     """
-    (n,) = _check_batch(state, xs, ys, mask, kernel, leading=0)
+    (n,) = _check_batch(state, xs, ys, mask, kernel, unbiased, leading=0)
+    core._check_bandwidth(sigma, sigma_frac)
+    engine._check_batch_index(state, batch_index)
     if mask is None:
         mask = jnp.ones((n,), dtype=bool)
-    return _update_jit(state, list(xs), list(ys), mask, kernel, bool(unbiased), sigma, sigma_frac)
+    return _update_jit(
+        state, list(xs), list(ys), mask, kernel, bool(unbiased), sigma, sigma_frac, batch_index, int(seed)
+    )
 
 
 def scan_update(
@@ -303,6 +286,8 @@ def scan_update(
     unbiased: bool = True,
     sigma: float | None = None,
     sigma_frac: float = 0.8,
+    batch_index: Any = None,
+    seed: int = 0,
 ) -> CompensatedCKAState:
     """Add ``B`` stacked batches to ``state`` with one ``jax.lax.scan`` (one compiled loop, no host
     round-trip between batches). Equal to ``B`` calls of :func:`update`.
@@ -317,15 +302,30 @@ def scan_update(
         Valid rows of each batch; default all valid.
     kernel, unbiased, sigma, sigma_frac
         As in :func:`update`.
+    batch_index : int or (B,) int array, optional
+        For a state with statistics: the stream position of the first stacked batch (the others
+        follow: ``batch_index + arange(B)``), or each batch's position (e.g. a device's share of the
+        batches under ``shard_map``).
+    seed : int
+        As in :func:`update`.
 
     Returns
     -------
     CompensatedCKAState
     """
-    shape = _check_batch(state, xs, ys, masks, kernel, leading=1)
+    shape = _check_batch(state, xs, ys, masks, kernel, unbiased, leading=1)
+    core._check_bandwidth(sigma, sigma_frac)
+    engine._check_batch_index(state, batch_index)
     if masks is None:
         masks = jnp.ones(shape, dtype=bool)
-    return _scan_jit(state, list(xs), list(ys), masks, kernel, bool(unbiased), sigma, sigma_frac)
+    indices = jnp.zeros((), jnp.int32) if batch_index is None else jnp.asarray(batch_index, jnp.int32)
+    if indices.ndim == 0:
+        indices = indices + jnp.arange(shape[0], dtype=jnp.int32)
+    elif indices.shape != shape[:1]:
+        raise ValueError(
+            f"batch_index must be an int or hold one index per batch, shape {shape[:1]}; got {indices.shape}."
+        )
+    return _scan_jit(state, list(xs), list(ys), masks, kernel, bool(unbiased), sigma, sigma_frac, indices, int(seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +334,8 @@ def scan_update(
 
 
 def merge(a: CompensatedCKAState, b: CompensatedCKAState) -> CompensatedCKAState:
-    """The state of the union of two disjoint sets of batches (compensated: as exact as one pass).
+    """The state of the union of two disjoint sets of batches (compensated: as exact as one pass);
+    :func:`cka.merge_states`.
 
     Parameters
     ----------
@@ -343,26 +344,16 @@ def merge(a: CompensatedCKAState, b: CompensatedCKAState) -> CompensatedCKAState
     """
     _check_state(a, "a")
     _check_state(b, "b")
-    if a.sums.hsic_xy.shape != b.sums.hsic_xy.shape:
-        raise ValueError(
-            f"cannot merge states over different layers: {tuple(a.sums.hsic_xy.shape)} vs "
-            f"{tuple(b.sums.hsic_xy.shape)}."
-        )
-    return _merge_jit(a, b)
-
-
-@jax.jit
-def _merge_jit(a: CompensatedCKAState, b: CompensatedCKAState) -> CompensatedCKAState:
-    return _add(a, b.sums, b.compensation)
+    return cast(CompensatedCKAState, engine.merge_states(a, b))
 
 
 def psum(state: CompensatedCKAState, axis_name: Any) -> CompensatedCKAState:
     """Merge the per-device states over a mapped axis, inside ``jax.shard_map`` or ``jax.pmap``.
 
     One collective (a ``psum`` of the small ``O(L1 L2)`` states, one slot per device), then a
-    compensated sum over the devices in a fixed order, so every device gets the same state and it equals one device's
-    pass over all batches up to one rounding. Shard the *batches* over devices, not the examples of
-    a batch: minibatch CKA depends on which examples share a batch (DESIGN.md).
+    compensated sum over the devices in a fixed order, so every device gets the same state and it
+    equals one device's pass over all batches up to one rounding. Shard the *batches* over devices,
+    not the examples of a batch: minibatch CKA depends on which examples share a batch (DESIGN.md).
 
     Parameters
     ----------
@@ -393,13 +384,13 @@ def psum(state: CompensatedCKAState, axis_name: Any) -> CompensatedCKAState:
     gathered = jax.lax.psum(jax.tree.map(spread, state), axis_name)
     merged = jax.tree.map(lambda a: a[0], gathered)
     for k in range(1, size):
-        part = jax.tree.map(lambda a, k=k: a[k], gathered)
-        merged = _add(merged, part.sums, part.compensation)
+        merged = engine._merge_impl(merged, jax.tree.map(lambda a, k=k: a[k], gathered))
     return merged
 
 
 def finalize(state: CompensatedCKAState) -> Array:
-    r"""The ``(L1, L2)`` minibatch CKA matrix of the accumulated sums (Nguyen et al. 2021).
+    r"""The ``(L1, L2)`` minibatch CKA matrix of the accumulated sums (Nguyen et al. 2021);
+    :func:`cka.finalize`.
 
     .. math:: \mathrm{CKA}_{ij} = \frac{\sum_b \mathrm{HSIC}_1(K_b^{(i)}, L_b^{(j)})}
               {\sqrt{\sum_b \mathrm{HSIC}_1(K_b^{(i)}, K_b^{(i)})\,\sum_b \mathrm{HSIC}_1(L_b^{(j)}, L_b^{(j)})}}
@@ -409,17 +400,18 @@ def finalize(state: CompensatedCKAState) -> Array:
     entered some batch) and warns (:class:`cka.CKANumericsWarning`) about NaN results.
     """
     _check_state(state)
-    total, matrix = _finalize_jit(state)
+    matrix = engine.finalize(state)
     if not isinstance(matrix, jax.core.Tracer):
-        _raise_if_not_finite(total)
+        _raise_if_not_finite(engine.folded(state))
         core._warn_about_values(core.get_backend(matrix), matrix, what="minibatch CKA")
     return matrix
 
 
-@jax.jit
-def _finalize_jit(state: CompensatedCKAState) -> tuple[CKAState, Array]:
-    total = CKAState(*(s + c for s, c in zip(state.sums, state.compensation)))
-    return total, engine.finalize(total)
+def finalize_statistics(state: CompensatedCKAState, *, confidence: float = 0.95) -> CKAStatistics:
+    """The matrix of :func:`finalize` with its intervals, p-values, null means and calibrated scores
+    (:func:`cka.finalize_statistics`), for a state made by :func:`init` with ``bootstrap`` and/or
+    ``permutations``. Checks the sums as :func:`finalize` does outside a trace."""
+    return engine.finalize_statistics(state, confidence=confidence, matrix=finalize(state))
 
 
 def _raise_if_not_finite(total: CKAState) -> None:
@@ -487,7 +479,7 @@ def stack_batches(batches: Sequence[Sequence[Array]], size: int | None = None) -
     if not batches:
         raise ValueError("stack_batches needs at least one batch.")
     size = size if size is not None else max(int(np.shape(b[0])[0]) for b in batches)
-    padded, masks = zip(*(pad_batch(b, size) for b in batches))
+    padded, masks = zip(*(pad_batch(b, size) for b in batches), strict=True)
     layers = len(padded[0])
     if any(len(p) != layers for p in padded):
         raise ValueError(f"every batch must hold the same layers; got {sorted({len(p) for p in padded})} layers.")

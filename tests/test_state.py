@@ -1,0 +1,269 @@
+"""The accumulator (cka/state.py): compensated sums, masks and skipped batches, and the clear errors
+of its edge calls (issue 13). Every path's numbers against the reference: tests/test_engine.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import cka
+from cka import _sums
+from cka import state as engine
+from cka.state import CKAState, CompensatedCKAState
+from tests import reference
+from tests.conftest import Namespace
+
+EXACT = 1e-10
+
+
+def _features(rng: np.random.Generator, n: int, d: int = 6) -> np.ndarray:
+    return np.maximum(rng.normal(size=(n, d)) + 0.5, 0.0)
+
+
+def _leaves(state: object) -> list[np.ndarray]:
+    return [np.asarray(Namespace("torch").to_numpy(a) if isinstance(a, torch.Tensor) else a)
+            for a in jax.tree.leaves(state)]
+
+
+# --------------------------------------------------------------------------------------------
+# The state types
+# --------------------------------------------------------------------------------------------
+
+
+def test_init_state_is_compensated_exactly_where_the_accumulator_is_not_float64() -> None:
+    assert type(cka.init_state(2, 3, like=np.zeros(1))) is CKAState
+    assert type(cka.init_state(2, 3, like=torch.zeros(1))) is CKAState
+    assert type(cka.init_state(2, 3, like=jnp.zeros(1))) is CKAState  # x64 is on in this process
+    state = cka.init_state(2, 3, like=np.zeros(1), compensated=True)
+    assert isinstance(state, CompensatedCKAState)
+    assert state.sums.hsic_xy.shape == (2, 3) and state.compensation.hsic_yy.shape == (3,)
+    assert state.hsic_xx.shape == (2,) and float(state.n_batches) == 0.0  # CKAState's fields, folded
+
+
+def test_ckastate_stays_constructible_from_its_five_fields() -> None:
+    state = CKAState(np.ones((1, 1)), np.ones(1), np.ones(1), np.asarray(8.0), np.asarray(1.0))
+    assert CKAState._fields[:5] == ("hsic_xy", "hsic_xx", "hsic_yy", "n_examples", "n_batches")
+    # the statistics fields (cka.statistics) are optional: absent here, empty in init_state's states
+    assert CKAState._fields[5:] == ("boot_xy", "boot_xx", "boot_yy", "null_xy")
+    assert state.boot_xy is None and state.null_xy is None
+    assert cka.init_state(1, 1, np.zeros(())).boot_xy.shape == (0, 1, 1)
+    np.testing.assert_array_equal(cka.finalize(state), [[1.0]])
+    assert engine.folded(state) is state
+
+
+def test_two_sum_is_exact() -> None:
+    a, b = np.float32(1.0), np.float32(1e-9)
+    s, e = _sums._two_sum(a, b)
+    assert s == np.float32(1.0) and e == np.float32(1e-9)
+    s, e = _sums._two_sum(np.float32(-3e-9), np.float32(2.0))  # |a| < |b|: TwoSum, not FastTwoSum
+    assert float(s) + float(e) == float(np.float32(-3e-9)) + 2.0
+
+
+def test_compensation_keeps_float32_sums_exact() -> None:
+    # 20000 float32 additions of 0.1: plain sums drift (relative 2e-4), compensated ones stay within
+    # about one float32 rounding of the total (eps = 1.2e-7)
+    def float32_state(value: float) -> CKAState:
+        return CKAState(*(np.full(shape, value, np.float32) for shape in ((1, 1), (1,), (1,), (), ())))
+
+    plain = float32_state(0.0)
+    compensated = CompensatedCKAState(float32_state(0.0), float32_state(0.0))
+    delta = float32_state(0.1)
+    for _ in range(20_000):
+        plain = cka.merge_states(plain, delta)
+        compensated = cka.merge_states(compensated, delta)
+    exact = 20_000 * float(np.float32(0.1))
+    plain_error = abs(float(plain.hsic_xy[0, 0]) - exact) / exact
+    compensated_error = abs(float(compensated.hsic_xy[0, 0]) - exact) / exact  # folded: sums + compensation
+    assert plain_error > 1e-5
+    assert compensated_error < 1e-7
+    assert isinstance(cka.merge_states(plain, compensated), CompensatedCKAState)  # either order promotes
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_compensated_state_gives_the_plain_states_numbers(xp: Namespace, kernel: str) -> None:
+    rng = np.random.default_rng(1)
+    batches = [([_features(rng, n), _features(rng, n, 3)], [_features(rng, n, 4)]) for n in (9, 12, 7)]
+    results = []
+    for compensated in (False, True):
+        state = cka.init_state(2, 1, like=xp.asarray(np.zeros(1)), compensated=compensated)
+        for bx, by in batches:
+            state = cka.update_state(state, [xp.asarray(a) for a in bx], [xp.asarray(a) for a in by], kernel=kernel)
+        grams = [cka.gram(xp.asarray(a), kernel=kernel) for a in batches[0][0]], [cka.gram(xp.asarray(batches[0][1][0]), kernel=kernel)]
+        state = cka.update_state_from_grams(state, *grams)
+        results.append(xp.to_numpy(cka.finalize(state)))
+    expected = reference.minibatch_cka_matrix([b[0] for b in batches] + [batches[0][0]],
+                                              [b[1] for b in batches] + [batches[0][1]], kernel=kernel)
+    np.testing.assert_allclose(results[0], expected, rtol=0, atol=EXACT)
+    np.testing.assert_allclose(results[1], expected, rtol=0, atol=EXACT)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks: too few valid rows skip the batch (no NaN poisoning), with the one warning
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("unbiased", "valid"), [(True, 3), (True, 0), (False, 1)])
+def test_masked_batch_with_too_few_valid_rows_is_skipped_with_the_warning(xp: Namespace, unbiased: bool, valid: int) -> None:
+    rng = np.random.default_rng(2)
+    x, y = _features(rng, 10), _features(rng, 10, 4)
+    state = cka.update_state(cka.init_state(1, 1, like=xp.asarray(x)), [xp.asarray(x)], [xp.asarray(y)], unbiased=unbiased)
+    mask = xp.asarray(np.arange(10) < valid, dtype="bool")
+    with pytest.warns(UserWarning, match=r"skipped batch\(es\) \[1\] with fewer than"):
+        after = cka.update_state(state, [xp.asarray(x)], [xp.asarray(y)], mask=mask, unbiased=unbiased)
+    for a, b in zip(_leaves(after), _leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)  # unchanged: not NaN, not counted
+    assert np.isfinite(xp.to_numpy(cka.finalize(after))).all()
+
+
+def test_masked_batch_with_enough_rows_adds_only_them_and_ignores_nan_padding(xp: Namespace) -> None:
+    rng = np.random.default_rng(3)
+    x, y = _features(rng, 12), _features(rng, 12, 4)
+    x[9:] = np.nan  # padding may hold anything
+    mask = xp.asarray(np.arange(12) < 9, dtype="bool")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = cka.update_state(cka.init_state(1, 1, like=xp.asarray(x)), [xp.asarray(x)], [xp.asarray(y)], mask=mask)
+    expected = reference.minibatch_cka_matrix([[x[:9]]], [[y[:9]]])
+    np.testing.assert_allclose(xp.to_numpy(cka.finalize(state)), expected, rtol=0, atol=EXACT)
+    assert float(xp.to_numpy(state.n_examples)) == 9.0
+
+
+def test_masked_nan_in_a_valid_row_names_the_layer(xp: Namespace) -> None:
+    rng = np.random.default_rng(4)
+    x, y = _features(rng, 12), _features(rng, 12, 4)
+    y[2, 1] = np.inf
+    mask = xp.asarray(np.arange(12) < 9, dtype="bool")
+    with pytest.raises(ValueError, match=r"ys\[0\] contains NaN or Inf"):
+        cka.update_state(cka.init_state(1, 1, like=xp.asarray(x)), [xp.asarray(x)], [xp.asarray(y)], mask=mask)
+
+
+def test_masked_skip_works_under_jit_by_where() -> None:
+    rng = np.random.default_rng(5)
+    x, y = jnp.asarray(_features(rng, 10)), jnp.asarray(_features(rng, 10, 4))
+    state = cka.update_state(cka.init_state(1, 1, like=x), [x], [y])
+    update = jax.jit(lambda s, m: cka.update_state(s, [x], [y], mask=m))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no host round-trip, so no warning under jit
+        after = update(state, jnp.arange(10) < 3)
+    for a, b in zip(_leaves(after), _leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    counted = update(state, jnp.arange(10) < 6)
+    assert float(counted.n_batches) == 2.0 and float(counted.n_examples) == 16.0
+
+
+def test_padded_grams_with_too_few_examples_are_skipped_with_the_warning() -> None:
+    rng = np.random.default_rng(6)
+    x, y = _features(rng, 8), _features(rng, 8, 3)
+    state = cka.update_state_from_grams(cka.init_state(1, 1, like=x), [cka.gram(x)], [cka.gram(y)])
+    small = np.zeros((8, 8))
+    small[:3, :3] = cka.gram(x[:3])
+    with pytest.warns(UserWarning, match=r"skipped batch\(es\) \[1\]"):
+        after = cka.update_state_from_grams(state, [small], [small], n=3)
+    for a, b in zip(_leaves(after), _leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Edge calls give clear errors (issue 13)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [(0, 0), (0, 2), (2, -1), (1.5, 1), ("2", 1)])
+def test_init_state_needs_at_least_one_layer_per_side(layers: tuple) -> None:
+    with pytest.raises(ValueError, match=r"must be a positive int .*at least one layer per side\); got"):
+        cka.init_state(*layers, like=np.zeros(1))
+
+
+def test_merging_states_of_different_array_types_names_both_and_the_fix() -> None:
+    a = cka.init_state(1, 1, like=np.zeros(1))
+    b = cka.init_state(1, 1, like=torch.zeros(1))
+    with pytest.raises(TypeError, match=r"numpy arrays \(a\) with one of torch arrays \(b\); convert one first"):
+        cka.merge_states(a, b)
+    with pytest.raises(TypeError, match=r"jax arrays \(a\) with one of numpy"):
+        cka.merge_states(cka.init_state(1, 1, like=jnp.zeros(1)), a)
+    with pytest.raises(ValueError, match=r"different layers: \(1, 1\) vs \(2, 1\)"):
+        cka.merge_states(a, cka.init_state(2, 1, like=np.zeros(1)))
+    with pytest.raises(TypeError, match="must be a CKAState"):
+        cka.merge_states(a, {"hsic_xy": 1})
+
+
+def test_a_mask_of_another_array_type_is_refused() -> None:
+    x = torch.ones((8, 3)).double()
+    state = cka.init_state(1, 1, like=x)
+    with pytest.raises(TypeError, match="state is a torch array but mask is a numpy array"):
+        cka.update_state(state, [x], [x], mask=np.ones(8, bool))
+    with pytest.raises(ValueError, match=r"mask must have shape \(8,\)"):
+        cka.update_state(state, [x], [x], mask=torch.ones(9, dtype=torch.bool))
+
+
+def test_merging_states_of_different_dtypes_is_refused() -> None:
+    a = CKAState(*(np.zeros(s, np.float32) for s in ((1, 1), (1,), (1,), (), ())))
+    with pytest.raises(TypeError, match=r"float32 .a. with one in float64 .b."):
+        cka.merge_states(a, cka.init_state(1, 1, like=np.zeros(1)))
+
+
+def test_non_square_or_mismatched_grams_are_refused_with_their_shapes() -> None:
+    rng = np.random.default_rng(7)
+    k8, k6 = cka.gram(_features(rng, 8)), cka.gram(_features(rng, 6))
+    state = cka.init_state(2, 1, like=k8)
+    with pytest.raises(ValueError, match=r"grams_x\[1\] must be a square \(n, n\) Gram matrices; got shape \(8, 5\)"):
+        cka.update_state_from_grams(state, [k8, k8[:, :5]], [k8])
+    with pytest.raises(ValueError, match=r"every Gram of grams_x must be over the same n examples; got shapes \[\(8, 8\), \(6, 6\)\]"):
+        cka.update_state_from_grams(state, [k8, k6], [k8])
+    with pytest.raises(ValueError, match=r"n = 8 for grams_x .first shape \(8, 8\). and n = 6 for grams_y"):
+        cka.update_state_from_grams(state, [k8, k8], [k6])
+    with pytest.raises(ValueError, match=r"grams_y must be an \(L, n, n\) stack of Gram matrices; got shape \(1, 8, 7\)"):
+        cka.update_state_from_grams(state, np.stack([k8, k8]), k8[None, :, :7])
+    with pytest.raises(ValueError, match=r"made for 2 x 1 layers but this batch has 1 x 1"):
+        cka.update_state_from_grams(state, [k8], [k8])
+    with pytest.raises(ValueError, match=r"grams_x holds no Gram"):
+        cka.update_state_from_grams(state, [], [k8])
+
+
+def test_nan_or_inf_grams_name_the_side_and_layer(xp: Namespace) -> None:
+    rng = np.random.default_rng(8)
+    good = cka.gram(_features(rng, 8))
+    bad = good.copy()
+    bad[2, 5] = bad[5, 2] = np.inf
+    state = cka.init_state(1, 2, like=xp.asarray(good))
+    with pytest.raises(ValueError, match=r"grams_y\[1\] contains NaN or Inf values"):
+        cka.update_state_from_grams(state, [xp.asarray(good)], [xp.asarray(good), xp.asarray(bad)])
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"grams_x\[0\] contains NaN or Inf"):
+        cka.update_state_from_grams(state, xp.asarray(bad[None]), [xp.asarray(good), xp.asarray(good)])
+    # check=False: the frontends track non-finite values themselves; NaN reaches the sums
+    unchecked = cka.update_state_from_grams(state, [xp.asarray(bad)], [xp.asarray(good)] * 2, check=False)
+    assert not np.isfinite(xp.to_numpy(unchecked.hsic_xx)).any()
+
+
+def test_empty_batch_or_layer_lists_give_clear_errors() -> None:
+    x = np.ones((8, 3))
+    with pytest.raises(ValueError, match="xs is empty: pass at least one batch"):
+        cka.minibatch_cka_matrix([], [])
+    with pytest.raises(ValueError, match=r"batch 0: xs holds no layer; pass at least one"):
+        cka.minibatch_cka_matrix([[]], [[x]])
+    with pytest.raises(ValueError, match=r"batch 1: ys holds no layer"):
+        cka.minibatch_cka_matrix([[x], [x]], [[x], {}])
+    with pytest.raises(ValueError, match="ys has more batches than xs"):
+        cka.minibatch_cka_matrix([], [[x]])
+
+
+@pytest.mark.parametrize("unbiased", ["no", 0, None, np.array([True])])
+def test_unbiased_must_be_a_bool(unbiased: object) -> None:
+    x = np.random.default_rng(9).normal(size=(8, 3))
+    state = cka.init_state(1, 1, like=x)
+    calls = [
+        lambda: cka.update_state(state, [x], [x], unbiased=unbiased),
+        lambda: cka.update_state_from_grams(state, [cka.gram(x)], [cka.gram(x)], unbiased=unbiased),
+        lambda: cka.minibatch_cka_matrix([[x]], [[x]], unbiased=unbiased),
+        lambda: cka.minibatch_cka([x], [x], unbiased=unbiased),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"unbiased must be True or False; got .* Pass unbiased=True"):
+            call()
+    assert np.isfinite(cka.minibatch_cka([x], [x], unbiased=np.bool_(True)))  # numpy's bool is a bool
