@@ -4,10 +4,10 @@
 # multi-GB download); for the CPU-only build, point pip at PyTorch's CPU wheel index:
 #   make test PIP_EXTRA="--index-url https://download.pytorch.org/whl/cpu"
 # PIP_EXTRA applies to the torch install only (the other packages come from the default index).
-# LINT=1 runs `make lint` (ruff check, ruff format --check, mypy on cka/) before the tests.
+# `make test` runs `make lint` (ruff check, ruff format --check, mypy on cka/) before the tests (LINT=0 skips it).
 PYTHON ?= python3
 PIP_EXTRA ?=
-LINT ?= 0
+LINT ?= 1
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0

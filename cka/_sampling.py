@@ -123,7 +123,7 @@ def _poisson1_thresholds() -> tuple[int, ...]:
     inv_e = sum(Fraction((-1) ** j, math.factorial(j)) for j in range(40))  # e^-1 to ~1e-48
     thresholds, cdf = [], Fraction(0)
     for k in range(64):
-        cdf += inv_e / math.factorial(k)
+        cdf += inv_e * Fraction(1, math.factorial(k))
         if (1 - cdf) * 2**32 < 1:  # P(w > k) is below the resolution of a 32-bit uniform
             break
         thresholds.append(math.floor(cdf * 2**32))

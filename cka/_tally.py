@@ -196,7 +196,7 @@ def _moved(state: Any, like: Array) -> Any:
     return engine.merge_states(empty, plain)
 
 
-def _init_quietly(shape: tuple[int, int], like: Array, resample: dict[str, int]) -> Any:
+def _init_quietly(shape: tuple[int, int], like: Array, resample: dict[str, Any]) -> Any:
     """:func:`cka.state.init_state` without a second warning about few replicates (the comparer warned)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CoarseStatisticsWarning)

@@ -402,7 +402,10 @@ def _list_layers(models: list[Any]) -> None:
         print(f"{label} ({getattr(model, 'name', None) or loaded.spec}):")
         if type(model).__name__ == "OnnxModel":
             selectable = model.available_layers()  # module calls first, then raw ONNX values
-            heading = {"module": "  PyTorch module names (mapped to their ONNX values):", "value": "  ONNX values (also selectable):"}
+            heading = {
+                "module": "  PyTorch module names (mapped to their ONNX values):",
+                "value": "  ONNX values (also selectable):",
+            }
             kind = None
             for layer in selectable:
                 if layer.kind != kind:

@@ -296,7 +296,11 @@ class CKA:
         )
         self._labels = (torch_cka_label(dataloader1), torch_cka_label(second))
         gram_fn = functools.partial(
-            core.gram, kernel=self.kernel, sigma=self.sigma, sigma_frac=self.sigma_frac, check=False,
+            core.gram,
+            kernel=self.kernel,
+            sigma=self.sigma,
+            sigma_frac=self.sigma_frac,
+            check=False,
             gram_precision=self.gram_precision,
         )
         shared_pass = self._side1.extractor is self._side2.extractor and not separate

@@ -178,7 +178,7 @@ def init_state(
     rows, cols = int(n_layers_x), int(n_layers_y)
     shapes = ((rows, cols), (rows,), (cols,), (), ())
     extra = statistics_fields(rows, cols, like, bootstrap, permutations)
-    state = CKAState(*(b.zeros(shape, like=like) for shape in shapes), *extra)
+    state = CKAState(*(b.zeros(shape, like=like) for shape in shapes), *extra)  # type: ignore[call-arg]
     if compensated is None:
         compensated = b.eps(state.hsic_xy.dtype) > 1e-10  # float32 (or narrower) accumulators
     return CompensatedCKAState(state, _fieldwise(lambda f: f + 0, state)) if compensated else state
@@ -592,7 +592,7 @@ def minibatch_cka_matrix(
     _check_unbiased(unbiased)
     _check_bandwidth(sigma, sigma_frac)
     check_statistics_options(bootstrap, permutations, confidence, seed)
-    resample = {"bootstrap": bootstrap, "permutations": permutations}
+    resample: dict[str, Any] = {"bootstrap": bootstrap, "permutations": permutations}
     state = None
     skipped: list[int] = []
     batches_x, batches_y = iter(xs), iter(ys)
@@ -671,7 +671,7 @@ def minibatch_cka(
     -------
     0-d array of the inputs' type. With a single batch it equals ``cka(x, y, unbiased=True)``.
     """
-    matrix = minibatch_cka_matrix(
+    matrix: Any = minibatch_cka_matrix(
         ([x] for x in xs), ([y] for y in ys), kernel=kernel, unbiased=unbiased, sigma=sigma, sigma_frac=sigma_frac
     )
     return matrix[0, 0]

@@ -280,7 +280,7 @@ def test_no_mask_means_every_token_is_real_with_a_warning():
     batches = [{"input_ids": b["input_ids"]} for b in hf.padded_batches(SEQUENCES, 8, 20)]
     with pytest.warns(tk.NoTokenMaskWarning, match="every token counts as real, padding included"):
         result = compare(m1, m2, batches, tokens="all")
-    assert result.n_examples == 16 * 20
+    assert result.n_examples == 16 * 20 and result.settings["n_sequences"] == 16
     images = [torch.randn(8, 3, 16, 16)]
     with warnings.catch_warnings():  # pixel inputs have no padding: no warning
         warnings.simplefilter("error", tk.NoTokenMaskWarning)

@@ -438,7 +438,9 @@ class JaxModel(FeatureExtractor):
         # The core's Gram (centred features, product in the feature dtype), traced into the same
         # program as the forward pass and stacked there, so XLA frees each feature map once its Gram
         # exists and writes the Grams straight into one (L, n, n) output.
-        grams = [core._gram_impl(f, kernel, sigma, sigma_frac, None, precision) for f in self._selected(params, args, kwargs)]
+        grams = [
+            core._gram_impl(f, kernel, sigma, sigma_frac, None, precision) for f in self._selected(params, args, kwargs)
+        ]
         names = self._selection()
         for name, gram in zip(names, grams, strict=True):  # static shapes: checked while tracing
             if gram.shape != grams[0].shape:
@@ -465,7 +467,12 @@ class JaxModel(FeatureExtractor):
             return [gram_fn(f) for f in self.features(batch).values()]
         args, kwargs = self._model_inputs(batch)
         return self._grams_jit(
-            self._params, args, kwargs, settings["sigma"], settings["sigma_frac"], kernel=settings["kernel"],
+            self._params,
+            args,
+            kwargs,
+            settings["sigma"],
+            settings["sigma_frac"],
+            kernel=settings["kernel"],
             precision=settings["gram_precision"],
         )
 

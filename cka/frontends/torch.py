@@ -454,6 +454,8 @@ class TorchModel(FeatureExtractor):
         layer = self._layers[index]
         tensor = _select_output(output, self._outputs[index], layer)
         mode = self._tokens[index]
+        if mode == "all" and self._counts is None and tensor.dim() >= 2:  # no mask: every token is real
+            self._counts = np.full(tensor.shape[0], tensor.shape[1], dtype=np.int64)
         if mode is not None:
             tensor = token_math.reduce_tokens(tensor, self._layout, mode, layer)
         elif self._reductions[index] is not None:
