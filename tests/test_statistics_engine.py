@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import cka
+import cka.frontends.base
 from cka import CKA
 from cka.checkpoint import CheckpointError, load_checkpoint
 from cka.distributed import shard_batches
@@ -87,6 +88,43 @@ def test_compare_fills_the_statistics_and_leaves_the_matrix_unchanged():
         # the hooks' Grams are float32 products of float32 features: agreement to ~1e-8, p-values exactly
         np.testing.assert_allclose(getattr(result, name), getattr(expected, name), atol=1e-6, rtol=0, err_msg=name)
     assert (result.ci_low <= result.matrix).all() and (result.matrix <= result.ci_high).all()
+
+
+class NumpyFeatures(cka.frontends.base.FeatureExtractor):
+    """A framework-free extractor: the batch's numpy arrays are the layers' features."""
+
+    def __init__(self, n_layers: int, name: str) -> None:
+        self.n_layers, self.name = n_layers, name
+
+    def layer_names(self) -> list[str]:
+        return [f"l{i}" for i in range(self.n_layers)]
+
+    def features(self, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {f"l{i}": np.asarray(a) for i, a in enumerate(batch)}
+
+
+@pytest.mark.parametrize("framework", ["numpy", "jax"])
+def test_compare_with_numpy_or_jax_extractors_equals_the_functional_api(framework):
+    from cka.frontends.jax import JaxModel
+
+    rng = np.random.default_rng(1)
+    xs = [[rng.normal(size=(10, 4)), rng.normal(size=(10, 3))] for _ in range(12)]
+    ys = [[x[0][:, :2] + rng.normal(size=(10, 2))] for x in xs]
+
+    def side(n_layers: int, name: str):
+        if framework == "numpy":
+            return NumpyFeatures(n_layers, name)
+        return JaxModel(
+            lambda *f: {f"l{i}": a for i, a in enumerate(f)},
+            [f"l{i}" for i in range(n_layers)],
+            inputs=tuple,
+            name=name,
+        )
+
+    result = CKA(side(2, "a"), side(1, "b"), progress=False).compare(xs, ys, **OPTIONS)
+    expected = cka.minibatch_cka_matrix(xs, ys, **OPTIONS)
+    for name in ("matrix", *FIELDS):
+        np.testing.assert_allclose(getattr(result, name), np.asarray(getattr(expected, name)), atol=1e-12, err_msg=name)
 
 
 def test_statistics_survive_save_and_load(tmp_path):
