@@ -86,11 +86,6 @@ def _stack_grams(b: Backend, grams: Sequence[Array] | Array) -> Array:
     return b.cast(grams, b.accumulator_dtype(grams))
 
 
-def _is_float64(a: Array) -> bool:
-    """Whether an array of any backend is float64 (a static property: safe under jit)."""
-    return str(a.dtype).rsplit(".", 1)[-1] == "float64"
-
-
 def _unbiased_factors(b: Backend, grams: Array) -> tuple[Array, Array, Array]:
     r"""For a stack of Grams ``(L, n, n)``: the flattened :math:`\tilde K` ``(L, n^2)``, the row sums
     :math:`r = \tilde K 1` ``(L, n)`` and the totals :math:`s = 1^\top \tilde K 1` ``(L,)``."""
