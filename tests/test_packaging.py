@@ -51,9 +51,10 @@ def test_the_built_wheel_carries_the_name_the_types_and_no_tests(tmp_path):
     assert not [n for n in names if n.startswith("tests/")]
 
 
-def test_the_makefile_has_pip_extra_on_the_torch_install_and_an_optional_lint_step():
+def test_the_makefile_has_pip_extra_on_the_torch_install_and_lint_on_by_default():
+    """`make test` lints (ruff, format, mypy) unless LINT=0 is given."""
     text = (ROOT / "Makefile").read_text()
-    assert re.search(r"^PIP_EXTRA \?=\s*$", text, re.M) and re.search(r"^LINT \?= 0$", text, re.M)
+    assert re.search(r"^PIP_EXTRA \?=\s*$", text, re.M) and re.search(r"^LINT \?= 1$", text, re.M)
     torch_lines = [line for line in text.splitlines() if "$(TORCH_PIN)" in line and "pip install" in line]
     assert any("$(PIP_EXTRA)" in line for line in torch_lines)
     lint = text.split("\nlint:", 1)[1].split("\n\n", 1)[0]
