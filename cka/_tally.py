@@ -89,6 +89,7 @@ class Tally:
                 check=False,
                 batch_index=index * self._ranks + self._rank,
                 seed=self.seed,
+                overwrite=True,  # the comparer's stacks: their diagonals are zeroed in place, no copy
             )
             # NaN/Inf anywhere in a layer's Gram reaches its self term HSIC(K, K) (a sum over all its
             # off-diagonal entries): the L1 + L2 self-term increments flag the bad layers, with no

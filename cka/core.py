@@ -86,10 +86,11 @@ def _stack_grams(b: Backend, grams: Sequence[Array] | Array) -> Array:
     return b.cast(grams, b.accumulator_dtype(grams))
 
 
-def _unbiased_factors(b: Backend, grams: Array) -> tuple[Array, Array, Array]:
+def _unbiased_factors(b: Backend, grams: Array, diagonal_zeroed: bool = False) -> tuple[Array, Array, Array]:
     r"""For a stack of Grams ``(L, n, n)``: the flattened :math:`\tilde K` ``(L, n^2)``, the row sums
-    :math:`r = \tilde K 1` ``(L, n)`` and the totals :math:`s = 1^\top \tilde K 1` ``(L,)``."""
-    zeroed = b.zero_diagonal(grams)
+    :math:`r = \tilde K 1` ``(L, n)`` and the totals :math:`s = 1^\top \tilde K 1` ``(L,)``.
+    ``diagonal_zeroed``: ``grams`` is :math:`\tilde K` already (no zeroed copy is made)."""
+    zeroed = grams if diagonal_zeroed else b.zero_diagonal(grams)
     row_sums = b.sum(zeroed, axis=-1)
     totals = b.sum(row_sums, axis=-1)
     flat = zeroed.reshape(zeroed.shape[0], -1)
@@ -102,7 +103,9 @@ def _center_grams(b: Backend, grams: Array) -> Array:
     return grams - row_means - b.mean(grams, axis=-2) + b.mean(row_means, axis=-2)
 
 
-def _hsic_pairs(b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bool) -> tuple[Array, Array, Array]:
+def _hsic_pairs(
+    b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bool, diagonal_zeroed: bool = False
+) -> tuple[Array, Array, Array]:
     r"""HSIC for all pairs of two Gram stacks, plus the self terms.
 
     Unbiased (Song et al. 2012), with :math:`\tilde K` the Gram with zeroed diagonal:
@@ -116,7 +119,8 @@ def _hsic_pairs(b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bo
     :math:`1^\top\tilde K\tilde L 1 = r_K \cdot r_L` another ``(L1, n) @ (n, L2)`` one.
     Biased (Gretton et al. 2005): :math:`\operatorname{tr}(KHLH)/(n-1)^2 = \langle HKH, HLH\rangle_F/(n-1)^2`.
 
-    Returns ``(hsic_xy (L1, L2), hsic_xx (L1,), hsic_yy (L2,))``.
+    Returns ``(hsic_xy (L1, L2), hsic_xx (L1,), hsic_yy (L2,))``. ``diagonal_zeroed`` (unbiased only):
+    the stacks are :math:`\tilde K, \tilde L` already.
     """
     if unbiased:
 
@@ -124,8 +128,8 @@ def _hsic_pairs(b: Backend, grams_x: Array, grams_y: Array, n: Any, unbiased: bo
             return (trace + s_prod / ((n - 1) * (n - 2)) - 2 * r_dot / (n - 2)) / (n * (n - 3))
 
         # zero the diagonal first (a copy): subtracting diag(K).diag(L) from <K, L> instead cancels digits
-        fx, rx, sx = _unbiased_factors(b, grams_x)
-        fy, ry, sy = _unbiased_factors(b, grams_y)
+        fx, rx, sx = _unbiased_factors(b, grams_x, diagonal_zeroed)
+        fy, ry, sy = _unbiased_factors(b, grams_y, diagonal_zeroed)
         trace_xy, trace_xx, trace_yy = b.matmul(fx, b.transpose(fy)), b.sum_of_squares(fx), b.sum_of_squares(fy)
         xy = combine(trace_xy, b.matmul(rx, b.transpose(ry)), b.outer(sx, sy))
         xx = combine(trace_xx, b.sum(rx * rx, axis=-1), sx * sx)

@@ -221,6 +221,7 @@ def _add_batch(
     centre: bool,
     batch_index: Any = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> tuple[AnyState, _Flags]:
     r"""Traceable core of every update: one batch's HSIC terms added to ``state`` (and, where the
     state keeps them, their bootstrap-weighted and permuted versions: :func:`cka.statistics.resampled_terms`).
@@ -230,14 +231,27 @@ def _add_batch(
     ``where`` (which also drops the NaN of the 0/0 such a batch computes). NaN/Inf anywhere in a
     layer's Gram off the diagonal reaches its self term :math:`\mathrm{HSIC}(K, K)`, so the
     ``L1 + L2`` flags are as strict as a pass over the Grams, at no cost.
+
+    The unbiased estimator reads the Grams with zeroed diagonals (:math:`\tilde K`): they are zeroed
+    once here for the batch's terms and its statistics, in place on stacks this function made (a
+    stack of a list, a cast, a double-centred copy) or that the caller lets it ``overwrite``, else
+    in one copy. (Subtracting :math:`\operatorname{diag}K\cdot\operatorname{diag}L` from
+    :math:`\langle K, L\rangle_F` instead would need no copy but cancels digits.)
     """
     b = get_backend(_sums(state).hsic_xy)
     gx, gy = _stack_grams(b, grams_x), _stack_grams(b, grams_y)
     if centre:
         gx, gy = _double_centre(b, gx, mask, n), _double_centre(b, gy, mask, n)
-    xy, xx, yy = _hsic_pairs(b, gx, gy, n, unbiased)
+    if unbiased:
+        gx, gy = (
+            b.zero_diagonal_in_place(g) if (overwrite or g is not given) else b.zero_diagonal(g)
+            for g, given in ((gx, grams_x), (gy, grams_y))
+        )
+    xy, xx, yy = _hsic_pairs(b, gx, gy, n, unbiased, diagonal_zeroed=unbiased)
     zero = b.zeros((), like=xy, dtype=xy.dtype)
-    extra = resampled_terms(b, _sums(state), gx, gy, n, unbiased, (xy, xx, yy), mask, batch_index, seed)
+    extra = resampled_terms(
+        b, _sums(state), gx, gy, n, unbiased, (xy, xx, yy), mask, batch_index, seed, diagonal_zeroed=unbiased
+    )
     delta = CKAState(xy, xx, yy, zero + n, zero + 1, *extra)
     finite_x, finite_y = b.xp.isfinite(xx), b.xp.isfinite(yy)
     enough = zero == 0  # a 0-d True
@@ -274,12 +288,13 @@ def _update_from_grams_impl(
     unbiased: bool,
     batch_index: Any = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> tuple[AnyState, _Flags]:
+    centre = False
     if n is None:  # whole Grams: a static size; only these can be double-centred (no mask)
         n = get_backend(_sums(state).hsic_xy).shape(grams_x[0] if isinstance(grams_x, (list, tuple)) else grams_x)[-1]
         centre = isinstance(state, CompensatedCKAState)
-        return _add_batch(state, grams_x, grams_y, n, None, unbiased, centre, batch_index, seed)
-    return _add_batch(state, grams_x, grams_y, n, None, unbiased, False, batch_index, seed)
+    return _add_batch(state, grams_x, grams_y, n, None, unbiased, centre, batch_index, seed, overwrite)
 
 
 def update_state_from_grams(
@@ -292,6 +307,7 @@ def update_state_from_grams(
     check: bool = True,
     batch_index: Any = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> AnyState:
     r"""Add one batch, given its Grams, to ``state``: the entry point of the frontends, which compute
     each layer's Gram as soon as the layer has run.
@@ -321,6 +337,10 @@ def update_state_from_grams(
         For a state with statistics (:func:`init_state`'s ``bootstrap``, ``permutations``): the
         batch's position in the whole stream (over all ranks and resumes, skipped batches included;
         a traced int32 under ``jax.jit``) and the seed, which key its random draws.
+    overwrite : bool
+        Let the update zero the Grams' diagonals in place (unbiased only; numpy arrays and torch
+        tensors outside autograd) instead of working on a copy: saves one ``(L, n, n)`` copy per side,
+        for callers that own the stacks and do not read them afterwards (the comparer).
 
     Returns
     -------
@@ -348,8 +368,8 @@ def update_state_from_grams(
     else:
         n = b.zeros((), like=sums.hsic_xy) + n  # traced like a mask's count: a padded batch may be skipped
     with _quiet_if_skippable(b, n is not None):
-        new_state, flags = b.jit(_update_from_grams_impl, static_argnames=("unbiased", "seed"))(
-            state, grams_x, grams_y, n, unbiased, batch_index, int(seed)
+        new_state, flags = b.jit(_update_from_grams_impl, static_argnames=("unbiased", "seed", "overwrite"))(
+            state, grams_x, grams_y, n, unbiased, batch_index, int(seed), bool(overwrite)
         )
     if b.is_tracing(flags.all_finite) or not (check or n is not None):
         return new_state

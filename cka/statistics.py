@@ -248,16 +248,19 @@ def _to_backend(b: Backend, array: numpy.ndarray, like: Array, dtype: Any = None
 # --------------------------------------------------------------------------------------------
 
 
-def _pair_factors(b: Backend, grams: Array, unbiased: bool) -> tuple[Array, Array, Array]:
+def _pair_factors(
+    b: Backend, grams: Array, unbiased: bool, diagonal_zeroed: bool = False
+) -> tuple[Array, Array, Array]:
     r"""``(flat (L, N^2), row sums (L, N), totals (L,))`` of a Gram stack for the all-pairs form.
 
     Unbiased: of :math:`\tilde K` (zeroed diagonal, :func:`cka.core._unbiased_factors`). Biased: of
     :math:`K` itself, for the expansion :math:`\langle HKH, HLH\rangle = \langle K, L\rangle -
     \tfrac{2}{n}(K1)\cdot(L1) + \tfrac{1}{n^2}(1^\top K1)(1^\top L1)`, which holds for padded batches
     too (zero rows drop out) and, like the unbiased form, commutes with permutations.
+    ``diagonal_zeroed`` (unbiased only): ``grams`` is :math:`\tilde K` already.
     """
     if unbiased:
-        return _unbiased_factors(b, grams)
+        return _unbiased_factors(b, grams, diagonal_zeroed)
     rows = b.sum(grams, axis=-1)
     return grams.reshape(grams.shape[0], -1), rows, b.sum(rows, axis=-1)
 
@@ -365,6 +368,7 @@ def resampled_terms(
     mask: Array | None,
     batch_index: Any,
     seed: int,
+    diagonal_zeroed: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
     r"""One batch's increments of the statistics fields of ``sums`` (a :class:`cka.state.CKAState`).
 
@@ -381,7 +385,8 @@ def resampled_terms(
     copied to the device without a sync. An empty field's increment is the (empty) field itself,
     an absent one's ``None``. Padded Grams given with a count
     ``n`` but no ``mask`` are taken to hold their valid rows first (as :func:`cka.stream.pad_batch`
-    makes them; on torch this reads ``n`` on the host).
+    makes them; on torch this reads ``n`` on the host). ``diagonal_zeroed`` (unbiased only): the
+    stacks' diagonals are zero already (:func:`cka.state` zeroes them once per batch).
     """
     n_boot, n_perm = replicate_counts(sums)
     dtype = sums.hsic_xy.dtype
@@ -404,7 +409,7 @@ def resampled_terms(
             perms = _to_backend(b, host.astype(numpy.int64), sums.hsic_xy)
             inverse = _to_backend(b, numpy.argsort(host, axis=-1).astype(numpy.int64), sums.hsic_xy)
         gx, gy = b.cast(grams_x, dtype), b.cast(grams_y, dtype)
-        factors = (_pair_factors(b, gx, unbiased), _pair_factors(b, gy, unbiased))
+        factors = (_pair_factors(b, gx, unbiased, diagonal_zeroed), _pair_factors(b, gy, unbiased, diagonal_zeroed))
         null = _permuted_cross_terms(b, *factors, perms, inverse, n, unbiased)
     return (*boot, null)
 

@@ -267,3 +267,44 @@ def test_unbiased_must_be_a_bool(unbiased: object) -> None:
         with pytest.raises(TypeError, match=r"unbiased must be True or False; got .* Pass unbiased=True"):
             call()
     assert np.isfinite(cka.minibatch_cka([x], [x], unbiased=np.bool_(True)))  # numpy's bool is a bool
+
+
+# --------------------------------------------------------------------------------------------
+# The Grams a caller passes: read, never written, unless it says they may be (overwrite=True)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::cka.statistics.CoarseStatisticsWarning")
+@pytest.mark.parametrize("array", ["numpy", "torch"])
+@pytest.mark.parametrize("statistics", [{}, {"bootstrap": 3, "permutations": 3}])
+def test_update_from_grams_leaves_the_callers_grams_untouched_unless_told_to_overwrite(
+    array: str, statistics: dict
+) -> None:
+    rng = np.random.default_rng(5)
+    xs, ys = [_features(rng, 12) for _ in range(2)], [_features(rng, 12, 4) for _ in range(3)]
+    grams_x = np.stack([x @ x.T for x in xs])
+    grams_y = np.stack([y @ y.T for y in ys])
+    convert = (lambda a: torch.from_numpy(a.copy())) if array == "torch" else (lambda a: a.copy())
+    gx, gy = convert(grams_x), convert(grams_y)
+    state = cka.init_state(2, 3, like=gx, **statistics)
+    kept = engine.update_state_from_grams(state, gx, gy, batch_index=0)
+    np.testing.assert_array_equal(np.asarray(gx), grams_x)  # the default reads only
+    np.testing.assert_array_equal(np.asarray(gy), grams_y)
+    overwritten = engine.update_state_from_grams(state, gx, gy, batch_index=0, overwrite=True)
+    for a, b in zip(_leaves(kept), _leaves(overwritten), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same numbers, bit for bit
+    assert not np.diagonal(np.asarray(gx), axis1=1, axis2=2).any()  # the diagonals are what it may write
+    off_diagonal = ~np.eye(12, dtype=bool)
+    np.testing.assert_array_equal(np.asarray(gy)[:, off_diagonal], grams_y[:, off_diagonal])
+    expected = reference.minibatch_cka_matrix([xs], [ys])
+    np.testing.assert_allclose(cka.finalize(overwritten), expected, atol=EXACT)
+
+
+def test_overwrite_falls_back_to_a_copy_where_autograd_needs_the_grams() -> None:
+    rng = np.random.default_rng(6)
+    x = torch.tensor(_features(rng, 10), requires_grad=True)
+    gram = (x @ x.T)[None]
+    state = engine.update_state_from_grams(cka.init_state(1, 1, like=gram), gram, gram.detach().clone(), overwrite=True)
+    cka.finalize(state)[0, 0].backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.diagonal(gram[0]).abs().min() > 0  # the graph's Gram kept its diagonal

@@ -166,6 +166,11 @@ class Backend:
         n = k.shape[-1]
         return xp.where(xp.eye(n, dtype=bool), xp.zeros((), dtype=k.dtype), k)
 
+    def zero_diagonal_in_place(self, k: Array) -> Array:
+        """``k`` with its diagonals set to zero, in place where the array type allows it (no ``L n^2``
+        copy), else a copy (immutable JAX arrays). Only for arrays the caller owns and no graph needs."""
+        return self.zero_diagonal(k)
+
     def median(self, x: Array, valid: Array | None = None) -> Array:
         """Median of all entries (of those where ``valid``); the mean of the two middle ones for an
         even count, as numpy and Kornblith et al.'s reference code."""

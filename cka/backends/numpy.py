@@ -29,6 +29,13 @@ class NumpyBackend(Backend):
         out[..., idx, idx] = 0
         return out
 
+    def zero_diagonal_in_place(self, k: Array) -> Array:
+        if not (isinstance(k, numpy.ndarray) and k.flags.writeable):
+            return self.zero_diagonal(k)
+        idx = numpy.arange(k.shape[-1])
+        k[..., idx, idx] = 0
+        return k
+
     def round_to_bfloat16(self, x: Array) -> Array:
         return round_to_bfloat16(x)
 

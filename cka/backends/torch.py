@@ -238,6 +238,14 @@ class TorchBackend(Backend):
         out.diagonal(dim1=-2, dim2=-1).zero_()
         return out
 
+    def zero_diagonal_in_place(self, k: Array) -> Array:
+        torch = self._torch
+        # autograd may need the original values; inference tensors are writable only in inference mode
+        if k.requires_grad or (k.is_inference() and not torch.is_inference_mode_enabled()):
+            return self.zero_diagonal(k)
+        k.diagonal(dim1=-2, dim2=-1).zero_()
+        return k
+
     def median(self, x: Array, valid: Array | None = None) -> Array:
         # By hand: torch.median returns the lower middle value, numpy (and Kornblith et al.) average
         # the two middle ones. Invalid entries sort last as +inf; ``count`` may be a tensor.
