@@ -4,12 +4,21 @@ Private to :mod:`cka.state` (import the types from there). Every operation here 
 the additive fields of :class:`CKAState`, so a further additive field needs no change to adding,
 merging, compensating or folding. Compensated summation (Knuth's TwoSum) keeps float32
 accumulators (JAX without ``jax_enable_x64``, torch on MPS) as exact as one rounding of the total.
+
+Layers whose HSIC terms would leave the accumulator's range (float64 features beyond about 1e75 or
+below 1e-75; float32 accumulators much sooner) are summed at a power-of-two scale per layer, kept
+in the two scale fields; two states are brought to common scales before they are added
+(:func:`_aligned`), exactly, since only powers of two are involved. In the normal range every scale
+is 0 and the sums are the plain sums.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
+
+from cka.backends import get_backend
 
 Array = Any
 
@@ -47,6 +56,11 @@ class CKAState(NamedTuple):
     null_xy : (P, L1, L2) array or None
         :math:`\sum_b \mathrm{HSIC}(K_b^{(i)}, P_{pb} L_b^{(j)} P_{pb}^\top)` for ``P`` permutations of
         each batch's examples (:mod:`cka.statistics`); ``None`` without ``permutations``.
+    log2_scale_x, log2_scale_y : (L1,), (L2,) arrays or None
+        Per layer, the power of two :math:`s` the sums are kept at: the true sums are
+        ``hsic_xy * 2**(s_x[:, None] + s_y[None, :])``, ``hsic_xx * 2**(2 s_x)``, ``hsic_yy * 2**(2 s_y)``
+        (the statistics fields likewise). 0 (``None``: all 0) in the normal range; not additive:
+        states are aligned to common scales before they are added. CKA, a ratio, does not depend on them.
     """
 
     hsic_xy: Array
@@ -58,6 +72,23 @@ class CKAState(NamedTuple):
     boot_xx: Array = None
     boot_yy: Array = None
     null_xy: Array = None
+    log2_scale_x: Array = None
+    log2_scale_y: Array = None
+
+
+_SCALES = ("log2_scale_x", "log2_scale_y")
+
+# How each additive field scales with the layers' scales: (power of 2^s_x, power of 2^s_y); an
+# "xy" field (..., L1, L2) takes one of each, an "xx" field (..., L1) two of s_x, "yy" two of s_y.
+_SCALE_POWERS = {
+    "hsic_xy": (1, 1),
+    "hsic_xx": (2, 0),
+    "hsic_yy": (0, 2),
+    "boot_xy": (1, 1),
+    "boot_xx": (2, 0),
+    "boot_yy": (0, 2),
+    "null_xy": (1, 1),
+}
 
 
 class CompensatedCKAState(NamedTuple):
@@ -90,9 +121,82 @@ AnyState = CKAState | CompensatedCKAState
 
 
 def _fieldwise(fn: Callable[..., Array], *states: CKAState) -> CKAState:
-    """``fn`` applied field by field to states of one layout; a field that is ``None`` (absent)
-    stays ``None``."""
-    return CKAState(*(None if fields[0] is None else fn(*fields) for fields in zip(*states, strict=True)))
+    """``fn`` applied field by field to the additive fields of states of one layout and one scale
+    (:func:`_aligned`); a field that is ``None`` (absent) stays ``None``; the scales are the first state's."""
+    return CKAState(
+        *(
+            fields[0] if name in _SCALES or fields[0] is None else fn(*fields)
+            for name, fields in zip(CKAState._fields, zip(*states, strict=True), strict=True)
+        )
+    )
+
+
+def _scales(state: CKAState) -> tuple[Array, Array]:
+    """``(s_x (L1,), s_y (L2,))`` of a state (zeros where it has none)."""
+    if state.log2_scale_x is not None:
+        return state.log2_scale_x, state.log2_scale_y
+    b = get_backend(state.hsic_xy)
+    rows, cols = b.shape(state.hsic_xy)[-2:]
+    return b.zeros((rows,), like=state.hsic_xy), b.zeros((cols,), like=state.hsic_xy)
+
+
+def _rescaled(state: CKAState, scale_x: Array, scale_y: Array) -> CKAState:
+    """``state`` kept at the scales ``scale_x (L1,), scale_y (L2,)``: its sums multiplied by the powers of
+    two :math:`2^{s - \text{scale}}` (exact, down to negligible underflow; only a state without batches,
+    whose sums are zero, is ever raised)."""
+    b = get_backend(state.hsic_xy)
+    dtype = state.hsic_xy.dtype
+    limit = float(math.frexp(float(b.finfo(dtype).max))[1] - 2)  # 2^+-limit are normal numbers
+    own_x, own_y = _scales(state)
+    fx, fy = (
+        b.pow2(b.clip(own - target, -limit, limit), dtype) for own, target in ((own_x, scale_x), (own_y, scale_y))
+    )
+    fields = {}
+    for name, value in zip(CKAState._fields, state, strict=True):
+        powers = _SCALE_POWERS.get(name, (0, 0))
+        if value is not None and powers == (1, 1):
+            value = value * fx[:, None] * fy[None, :]
+        elif value is not None and powers[0]:
+            value = value * fx * fx  # in two steps: (2^-s)^2 alone may underflow where the product does not
+        elif value is not None and powers[1]:
+            value = value * fy * fy
+        fields[name] = value
+    fields.update(log2_scale_x=scale_x, log2_scale_y=scale_y)
+    return CKAState(**fields)
+
+
+def _common_scales(*states: CKAState) -> tuple[Array, Array] | None:
+    """Per layer, the largest scale of the states that hold batches (a fresh state, or a skipped
+    batch's zero delta, takes the others'); ``None`` where nothing needs rescaling (no scale fields,
+    or all scales 0 where that is free to check: numpy, torch on the CPU)."""
+    if all(s.log2_scale_x is None for s in states):
+        return None
+    b = get_backend(states[0].hsic_xy)
+    pairs = [_scales(s) for s in states]
+    lowest = -float(2**20)  # below any exponent: loses every max
+    common = []
+    for side in (0, 1):
+        held = [
+            b.where(s.n_batches > 0, scales[side], b.full_like_scalar(lowest, scales[side]))
+            for s, scales in zip(states, pairs, strict=True)
+        ]
+        top = held[0]
+        for other in held[1:]:
+            top = b.xp.maximum(top, other)
+        common.append(b.where(top > lowest, top, b.zeros((), like=top, dtype=top.dtype)))
+    if b.branches_cheaply(states[0].hsic_xy):
+        if not any(b.to_numpy(a).any() for a in (*common, *(a for p in pairs for a in p))):
+            return None
+    return common[0], common[1]
+
+
+def _at_scales(state: AnyState, scale_x: Array, scale_y: Array) -> AnyState:
+    """:func:`_rescaled` for either kind of state (a compensated one: its sums and their errors alike)."""
+    if isinstance(state, CompensatedCKAState):
+        return CompensatedCKAState(
+            _rescaled(state.sums, scale_x, scale_y), _rescaled(state.compensation, scale_x, scale_y)
+        )
+    return _rescaled(state, scale_x, scale_y)
 
 
 def _sums(state: AnyState) -> CKAState:
@@ -114,6 +218,11 @@ def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
 def _accumulate(state: AnyState, delta: CKAState, delta_compensation: CKAState | None = None) -> AnyState:
     """``state + delta`` (plus ``delta_compensation``, the errors of a merged state), compensated
     where ``state`` is."""
+    common = _common_scales(_sums(state), delta)
+    if common is not None:
+        state, delta = _at_scales(state, *common), _rescaled(delta, *common)
+        if delta_compensation is not None:
+            delta_compensation = _rescaled(delta_compensation, *common)
     if not isinstance(state, CompensatedCKAState):
         return _fieldwise(lambda s, d: s + d, state, delta)
     pairs = _fieldwise(_two_sum, state.sums, delta)

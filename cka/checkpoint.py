@@ -218,6 +218,10 @@ def _check_contents(path: Path, meta: Any, state: CKAState) -> tuple[int, dict[s
             raise bad(f"{name} has shape {value.shape} but hsic_xy's {(n1, n2)} needs (replicates, *{shape})")
     if not state.boot_xy.shape[0] == state.boot_xx.shape[0] == state.boot_yy.shape[0]:
         raise bad("boot_xy, boot_xx and boot_yy hold different numbers of bootstrap replicates")
+    for name, shape in (("log2_scale_x", (n1,)), ("log2_scale_y", (n2,))):
+        value = getattr(state, name)
+        if value.shape != shape or not np.isfinite(value).all() or (value != np.round(value)).any():
+            raise bad(f"{name} must hold {shape[0]} whole numbers (powers of two of the sums), not {value!r:.80}")
     for key, size in (("model1_layers", n1), ("model2_layers", n2)):
         layers = fingerprint.get(key)
         if layers is not None and (not isinstance(layers, list) or len(layers) != size):
@@ -339,7 +343,15 @@ class RunCheckpoint:
 
 def _with_statistics_fields(path: Path, state: CKAState) -> CKAState:
     """``state`` with empty statistics fields where the file has none (a checkpoint from before
-    :mod:`cka.statistics`); all four or none must be there. Shapes are checked afterwards."""
+    :mod:`cka.statistics`; all four or none must be there), and zero scales where it has none (from
+    before the sums' scales, :mod:`cka._sums`; both or none). Shapes are checked afterwards."""
+    scales = [name for name in ("log2_scale_x", "log2_scale_y") if getattr(state, name) is None]
+    if len(scales) == 1:
+        raise CheckpointError(f"{path} is malformed: it lacks {scales}; delete it to start over.")
+    if scales and state.hsic_xy.ndim == 2:
+        state = state._replace(
+            log2_scale_x=np.zeros(state.hsic_xy.shape[0]), log2_scale_y=np.zeros(state.hsic_xy.shape[1])
+        )
     names = ("boot_xy", "boot_xx", "boot_yy", "null_xy")
     absent = [name for name in names if getattr(state, name) is None]
     if absent and len(absent) < len(names):

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cka._sums import _SCALES, _rescaled, _scales
 from cka.state import CKAState
 from cka.statistics import replicate_counts
 
@@ -105,7 +106,11 @@ def all_reduce_state(state: Any, group: Any = None) -> Any:
     folded = getattr(engine, "folded", None)
     plain = folded(state) if folded is not None else state
     backend = get_backend(plain.hsic_xy)
-    present = [f for f in plain if f is not None]  # a state built by hand may lack the statistics fields
+    was_plain, scales = plain is state, None
+    if plain.log2_scale_x is not None:  # sums kept at per-layer scales: first bring every rank to common ones
+        plain, scales = _at_common_scales(plain, group)
+    # a state built by hand may lack the statistics (or scale) fields
+    present = [f for name, f in zip(CKAState._fields, plain, strict=True) if f is not None and name not in _SCALES]
     fields = [f if backend.name == "torch" else torch.from_numpy(np.asarray(backend.to_numpy(f))) for f in present]
     flat = torch.cat([f.reshape(-1).to(torch.float64) for f in fields])
     if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":
@@ -121,10 +126,35 @@ def all_reduce_state(state: Any, group: Any = None) -> Any:
             out.append(value.to(device=f.device, dtype=f.dtype))
         else:
             out.append(backend.cast(backend.xp.asarray(value.cpu().numpy()), original.dtype))
-    reduced = CKAState(*out, *[None] * (len(plain) - len(out)))
-    if plain is state:
+    reduced = CKAState(*out, *[None] * (len(CKAState._fields) - len(_SCALES) - len(out)), *(scales or (None, None)))
+    if was_plain:
         return reduced
     n1, n2 = reduced.hsic_xy.shape
     bootstrap, permutations = replicate_counts(reduced)
     empty = engine.init_state(n1, n2, like=reduced.hsic_xy, bootstrap=bootstrap, permutations=permutations)
     return engine.merge_states(empty, reduced)
+
+
+def _at_common_scales(state: CKAState, group: Any) -> tuple[CKAState, tuple[Any, Any]]:
+    """``state`` rescaled to the per-layer scales common to all ranks (the largest of the ranks that
+    hold batches: one MAX all-reduce of ``L1 + L2`` numbers), and those scales, in its array type."""
+    import torch
+    import torch.distributed as dist
+
+    from cka.backends import get_backend
+
+    backend = get_backend(state.hsic_xy)
+    scale_x, scale_y = _scales(state)
+    own = np.concatenate([np.asarray(backend.to_numpy(a), dtype=np.float64) for a in (scale_x, scale_y)])
+    lowest = -float(2**20)  # below any exponent
+    if float(backend.to_numpy(state.n_batches)) == 0:
+        own[:] = lowest
+    held = torch.as_tensor(own, device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
+    common = np.where(held.cpu().numpy() > lowest, held.cpu().numpy(), 0.0)
+    rows = int(backend.shape(scale_x)[0])
+    if backend.name == "torch":
+        parts = [torch.as_tensor(p, dtype=scale_x.dtype, device=scale_x.device) for p in (common[:rows], common[rows:])]
+    else:
+        parts = [backend.cast(backend.xp.asarray(p), scale_x.dtype) for p in (common[:rows], common[rows:])]
+    return _rescaled(state, parts[0], parts[1]), (parts[0], parts[1])

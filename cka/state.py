@@ -18,6 +18,7 @@ Masks (padded rows of a ragged batch) and skipping a batch with too few valid ro
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -41,7 +42,6 @@ from cka.core import (
     _check_kernel,
     _check_n,
     _check_unbiased,
-    _gram_impl,
     _hsic_pairs,
     _safe_ratio,
     _stack_grams,
@@ -49,6 +49,7 @@ from cka.core import (
     min_examples,
     warn_skipped_batches,
 )
+from cka.kernels import _scaled_gram_impl
 from cka.statistics import (
     CKAStatistics,
     CoarseStatisticsWarning,
@@ -178,7 +179,8 @@ def init_state(
     rows, cols = int(n_layers_x), int(n_layers_y)
     shapes = ((rows, cols), (rows,), (cols,), (), ())
     extra = statistics_fields(rows, cols, like, bootstrap, permutations)
-    state = CKAState(*(b.zeros(shape, like=like) for shape in shapes), *extra)  # type: ignore[call-arg]
+    scales = (b.zeros((rows,), like=like), b.zeros((cols,), like=like))  # the sums' scales (cka._sums)
+    state = CKAState(*(b.zeros(shape, like=like) for shape in shapes), *extra, *scales)  # type: ignore[call-arg]
     if compensated is None:
         compensated = b.eps(state.hsic_xy.dtype) > 1e-10  # float32 (or narrower) accumulators
     return CompensatedCKAState(state, _fieldwise(lambda f: f + 0, state)) if compensated else state
@@ -199,6 +201,32 @@ def _double_centre(b: Backend, grams: Array, mask: Array | None, n: Any) -> Arra
     centred = grams - rows[:, :, None] - rows[:, None, :] + total[:, None, None]
     valid = mask != 0
     return b.where(b.outer(valid, valid)[None], centred, b.zeros((), like=centred, dtype=centred.dtype))
+
+
+def _scaled_stack(b: Backend, grams: Array, log2_factor: Any, owned: bool) -> tuple[Array, Array]:
+    r"""``(G, s)``: a Gram stack ``(L, N, N)`` brought to the per-layer scales ``s (L,)`` its HSIC terms
+    are summed at (:class:`cka.state.CKAState`'s ``log2_scale`` fields), with :math:`K = 2^{s} G`
+    for :math:`K = 2^{f} \cdot` ``grams`` the true Gram (``log2_factor`` :math:`f`, (L,) or 0: as
+    :func:`cka.kernels._scaled_gram_impl` gives them).
+
+    :math:`s = 0` (the true Gram) while the exponent :math:`t` of a layer's largest diagonal entry
+    (the largest entry of a positive semi-definite kernel matrix) stays within a quarter of the
+    accumulator's exponent range (HSIC terms go as :math:`K^2 n^4` at worst); beyond, :math:`s = t`.
+    Powers of two only: exact. Scales in place when the stack is ``owned``.
+    """
+    dtype = grams.dtype
+    exponent_range = float(math.frexp(float(b.finfo(dtype).max))[1])  # 1024 for float64, 128 for float32
+    diagonal = b.stop_gradient(b.max_abs_last(b.diagonal(grams)))
+    top = b.frexp_exponent(diagonal) + log2_factor  # may exceed the dtype's own exponent range: a number
+    scale = b.where(b.xp.abs(top) > exponent_range // 4, top, b.zeros((), like=top, dtype=dtype))
+    shift = b.zeros((), like=top, dtype=dtype) + log2_factor - scale  # G = grams * 2^shift
+    if b.branches_cheaply(grams) and not b.to_numpy(shift).any():
+        return grams, scale
+    # in two steps, each factor a normal number (a shift may exceed the exponent range by itself)
+    half = b.xp.floor(shift / 2)
+    factors = [b.pow2(part, dtype)[:, None, None] for part in (half, shift - half)]
+    first = b.multiply_in_place(grams, factors[0]) if owned else grams * factors[0]
+    return b.multiply_in_place(first, factors[1]), scale
 
 
 class _Flags(NamedTuple):
@@ -222,6 +250,7 @@ def _add_batch(
     batch_index: Any = None,
     seed: int = 0,
     overwrite: bool = False,
+    log2_factors: tuple[Any, Any] = (0.0, 0.0),
 ) -> tuple[AnyState, _Flags]:
     r"""Traceable core of every update: one batch's HSIC terms added to ``state`` (and, where the
     state keeps them, their bootstrap-weighted and permuted versions: :func:`cka.statistics.resampled_terms`).
@@ -237,22 +266,29 @@ def _add_batch(
     stack of a list, a cast, a double-centred copy) or that the caller lets it ``overwrite``, else
     in one copy. (Subtracting :math:`\operatorname{diag}K\cdot\operatorname{diag}L` from
     :math:`\langle K, L\rangle_F` instead would need no copy but cancels digits.)
+
+    ``log2_factors``: per side, :math:`f` with the true Grams :math:`2^f` times the given ones ((L,) or
+    0); the terms are computed on Grams at the scales of :func:`_scaled_stack`, which the delta
+    carries, so that layers far outside the accumulator's range are summed exactly too.
     """
     b = get_backend(_sums(state).hsic_xy)
-    gx, gy = _stack_grams(b, grams_x), _stack_grams(b, grams_y)
-    if centre:
-        gx, gy = _double_centre(b, gx, mask, n), _double_centre(b, gy, mask, n)
-    if unbiased:
-        gx, gy = (
-            b.zero_diagonal_in_place(g) if (overwrite or g is not given) else b.zero_diagonal(g)
-            for g, given in ((gx, grams_x), (gy, grams_y))
-        )
+    stacks, scales = [], []
+    for grams, factor in ((grams_x, log2_factors[0]), (grams_y, log2_factors[1])):
+        g = _stack_grams(b, grams)
+        g, scale = _scaled_stack(b, g, factor, owned=overwrite or g is not grams)
+        if centre:
+            g = _double_centre(b, g, mask, n)
+        if unbiased:
+            g = b.zero_diagonal_in_place(g) if (overwrite or centre or g is not grams) else b.zero_diagonal(g)
+        stacks.append(g)
+        scales.append(scale)
+    gx, gy = stacks
     xy, xx, yy = _hsic_pairs(b, gx, gy, n, unbiased, diagonal_zeroed=unbiased)
     zero = b.zeros((), like=xy, dtype=xy.dtype)
     extra = resampled_terms(
         b, _sums(state), gx, gy, n, unbiased, (xy, xx, yy), mask, batch_index, seed, diagonal_zeroed=unbiased
     )
-    delta = CKAState(xy, xx, yy, zero + n, zero + 1, *extra)
+    delta = CKAState(xy, xx, yy, zero + n, zero + 1, *extra, *scales)
     finite_x, finite_y = b.xp.isfinite(xx), b.xp.isfinite(yy)
     enough = zero == 0  # a 0-d True
     if not isinstance(n, int):
@@ -399,12 +435,18 @@ def _update_impl(
     """Traceable: one batch of features (``mask``: its valid rows) into ``state``; as :func:`_add_batch`.
     The body of :func:`update_state` and of the jitted JAX streaming updates (:mod:`cka.stream`)."""
     b = get_backend(_sums(state).hsic_xy)
-    grams_x = [_gram_impl(x, kernel, sigma, sigma_frac, mask) for x in xs]
-    grams_y = [_gram_impl(y, kernel, sigma, sigma_frac, mask) for y in ys]
-    n = b.shape(xs[0])[0] if mask is None else b.sum(b.cast(mask, _sums(state).hsic_xy.dtype))
+    dtype = _sums(state).hsic_xy.dtype
+    # the Grams of the rescaled features and their exponents: the true Grams may not fit (_scaled_stack)
+    scaled_x = [_scaled_gram_impl(x, kernel, sigma, sigma_frac, mask) for x in xs]
+    scaled_y = [_scaled_gram_impl(y, kernel, sigma, sigma_frac, mask) for y in ys]
+    factors = tuple(
+        b.stack([b.zeros((), like=_sums(state).hsic_xy, dtype=dtype) + f for _, f in s]) for s in (scaled_x, scaled_y)
+    )
+    n = b.shape(xs[0])[0] if mask is None else b.sum(b.cast(mask, dtype))
     # Linear Grams of centred features are centred already; RBF Grams have a large mean.
     centre = isinstance(state, CompensatedCKAState) and kernel != "linear"
-    return _add_batch(state, grams_x, grams_y, n, mask, unbiased, centre, batch_index, seed)
+    grams_x, grams_y = [k for k, _ in scaled_x], [k for k, _ in scaled_y]
+    return _add_batch(state, grams_x, grams_y, n, mask, unbiased, centre, batch_index, seed, True, factors)
 
 
 def update_state(

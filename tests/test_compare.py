@@ -113,6 +113,34 @@ def test_a_constant_layer_gives_nan_with_a_warning():
     assert result.matrix[0, 0] == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e150, 1e-150])
+def test_layers_of_any_magnitude_compare_as_their_unscaled_selves(scale):
+    """A float64 model whose layer outputs' HSIC terms (about |x|^4) sit far outside float64: the
+    comparer's sums are kept at per-layer powers of two, so its matrix is the unscaled model's,
+    without a warning. (Its Grams are kept at their true scale: entries below float64's normal
+    range, from features below about 1e-154, lose digits; see the README.)"""
+
+    class Scale(nn.Module):
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return x * self.factor
+
+    def model(factor: float) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), Scale(factor), nn.Linear(8, 5)).double()
+
+    batches = [torch.randn(16, 6, dtype=torch.float64) for _ in range(3)]
+    settings = {"model1_layers": ["0", "2"], "model2_layers": ["0", "1", "2", "3"], "progress": False}
+    expected = CKA(model(1.0), model(1.0), **settings).compare(batches).matrix
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CKANumericsWarning)
+        got = CKA(model(scale), model(1.0), **settings).compare(batches).matrix
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
 # --------------------------------------------------------------------------------------------
 # Other frameworks plug in as FeatureExtractors
 # --------------------------------------------------------------------------------------------

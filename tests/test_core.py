@@ -202,17 +202,20 @@ def test_minibatch_cka_at_extreme_float32_magnitudes(xp, rng, dtype, scale):
     assert got == pytest.approx(float(expected[0, 0]), abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs per-layer exponents in CKAState (cka/state.py): the Grams of float64 "
-                   "features beyond ~1e75 hold their scale only as cka.gram(..., return_exponent=True)")
-@pytest.mark.parametrize("scale", [1e150, 1e-160])
-def test_minibatch_cka_at_extreme_float64_magnitudes(rng, scale):
+@pytest.mark.parametrize("scale", [1e150, 1e-160, 1e300, 1e-300])
+def test_minibatch_cka_at_extreme_float64_magnitudes(xp, rng, scale):
+    """Grams and HSIC terms far outside float64: the sums are kept at per-layer powers of two
+    (CKAState.log2_scale_x/y), so the value is the unscaled features', with no warning."""
     xs = [rng.normal(size=(16, 30)) for _ in range(3)]
     ys = [x[:, :10] + rng.normal(size=(16, 10)) for x in xs]
-    expected = ref.minibatch_cka_matrix([[x] for x in xs], [[y] for y in ys])[0, 0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = float(cka.minibatch_cka([x * scale for x in xs], ys))
-    assert got == pytest.approx(expected, abs=1e-5)
+    for kernel in cka.KERNELS:
+        for unbiased in (True, False):
+            expected = ref.minibatch_cka_matrix([[x] for x in xs], [[y] for y in ys], unbiased=unbiased, kernel=kernel)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = cka.minibatch_cka([xp.asarray(x * scale) for x in xs], [xp.asarray(y) for y in ys],
+                                        kernel=kernel, unbiased=unbiased)
+            assert float(got) == pytest.approx(float(expected[0, 0]), abs=1e-9), (kernel, unbiased)
 
 
 def test_constant_layers_stay_nan_at_every_magnitude(xp, rng):

@@ -49,7 +49,9 @@ def test_ckastate_stays_constructible_from_its_five_fields() -> None:
     state = CKAState(np.ones((1, 1)), np.ones(1), np.ones(1), np.asarray(8.0), np.asarray(1.0))
     assert CKAState._fields[:5] == ("hsic_xy", "hsic_xx", "hsic_yy", "n_examples", "n_batches")
     # the statistics fields (cka.statistics) are optional: absent here, empty in init_state's states
-    assert CKAState._fields[5:] == ("boot_xy", "boot_xx", "boot_yy", "null_xy")
+    assert CKAState._fields[5:9] == ("boot_xy", "boot_xx", "boot_yy", "null_xy")
+    # the sums' per-layer scales (powers of two; None: all 0, the plain sums)
+    assert CKAState._fields[9:] == ("log2_scale_x", "log2_scale_y") and state.log2_scale_x is None
     assert state.boot_xy is None and state.null_xy is None
     assert cka.init_state(1, 1, np.zeros(())).boot_xy.shape == (0, 1, 1)
     np.testing.assert_array_equal(cka.finalize(state), [[1.0]])
@@ -308,3 +310,93 @@ def test_overwrite_falls_back_to_a_copy_where_autograd_needs_the_grams() -> None
     cka.finalize(state)[0, 0].backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert torch.diagonal(gram[0]).abs().min() > 0  # the graph's Gram kept its diagonal
+
+
+# --------------------------------------------------------------------------------------------
+# Sums at any magnitude: per-layer powers of two (CKAState.log2_scale_x / log2_scale_y)
+# --------------------------------------------------------------------------------------------
+
+
+def _batches_of_changing_magnitude(rng: np.random.Generator) -> tuple[list, list, list[float]]:
+    """Five batches of one layer pair whose first layer is scaled per batch by ``c_b`` from 1e-300
+    to 1e200: its HSIC terms span far more than float64's range, its CKA is dominated by the largest."""
+    factors = [1e-300, 1.0, 1e200, 1e-20, 1e180]
+    xs = [rng.normal(size=(12, 7)) for _ in factors]
+    ys = [np.tanh(x @ rng.normal(size=(7, 5))) + 0.3 * rng.normal(size=(12, 5)) for x in xs]
+    return xs, ys, factors
+
+
+def _exact_minibatch_cka(xs: list, ys: list, factors: list[float]) -> float:
+    r"""CKA of the scaled batches from the reference's per-batch terms of the unscaled ones:
+    :math:`\mathrm{HSIC}(c^2 K, L) = c^2\,\mathrm{HSIC}(K, L)`, combined in 50-digit arithmetic."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    sums = [mpmath.mpf(0)] * 3
+    for x, y, c in zip(xs, ys, factors, strict=True):
+        k, g = reference.linear_gram(x), reference.linear_gram(y)
+        c2 = mpmath.mpf(c) ** 2
+        terms = (reference.hsic_unbiased(k, g) * c2, reference.hsic_unbiased(k, k) * c2**2, reference.hsic_unbiased(g, g))
+        sums = [s + mpmath.mpf(t) if i == 2 else s + t for i, (s, t) in enumerate(zip(sums, terms, strict=True))]
+    return float(sums[0] / mpmath.sqrt(sums[1] * sums[2]))
+
+
+def test_batches_of_any_magnitude_are_summed_at_their_true_scale(xp: Namespace) -> None:
+    rng = np.random.default_rng(11)
+    xs, ys, factors = _batches_of_changing_magnitude(rng)
+    expected = _exact_minibatch_cka(xs, ys, factors)
+    scaled = [[xp.asarray(x * c)] for x, c in zip(xs, factors, strict=True)]
+    state = cka.init_state(1, 1, like=xp.asarray(np.zeros(1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow, no "constant", no NaN
+        for x, y in zip(scaled, ys, strict=True):
+            state = cka.update_state(state, x, [xp.asarray(y)])
+        assert float(cka.finalize(state)[0, 0]) == pytest.approx(expected, abs=1e-9)
+        # shards merge at common scales: two states of different magnitudes, in either order
+        first, second = (cka.init_state(1, 1, like=xp.asarray(np.zeros(1))) for _ in range(2))
+        for x, y in zip(scaled[:2], ys[:2], strict=True):
+            first = cka.update_state(first, x, [xp.asarray(y)])
+        for x, y in zip(scaled[2:], ys[2:], strict=True):
+            second = cka.update_state(second, x, [xp.asarray(y)])
+        for merged in (cka.merge_states(first, second), cka.merge_states(second, first)):
+            assert float(cka.finalize(merged)[0, 0]) == pytest.approx(expected, abs=1e-9)
+    assert float(xp.to_numpy(state.log2_scale_x)[0]) > 1000  # kept at 2^1329 (1e200 squared is 2^1329)
+
+
+def test_scaled_sums_survive_a_checkpoint_and_a_fresh_state(tmp_path) -> None:
+    from cka.checkpoint import load_state, save_state
+
+    rng = np.random.default_rng(12)
+    xs, ys, factors = _batches_of_changing_magnitude(rng)
+    state = cka.init_state(1, 1, like=np.zeros(1))
+    for x, y, c in zip(xs[:3], ys[:3], factors[:3], strict=True):
+        state = cka.update_state(state, [x * c], [y])
+    save_state(tmp_path / "s.ckpt", state, position=3, fingerprint={"run": "scaled"})
+    restored, position = load_state(tmp_path / "s.ckpt")
+    assert position == 3 and float(restored.log2_scale_x[0]) > 1000
+    for x, y, c in zip(xs[3:], ys[3:], factors[3:], strict=True):
+        restored = cka.update_state(restored, [x * c], [y])
+    assert float(cka.finalize(restored)[0, 0]) == pytest.approx(_exact_minibatch_cka(xs, ys, factors), abs=1e-9)
+
+
+def test_grams_whose_hsic_terms_leave_float64_are_summed_exactly(xp: Namespace) -> None:
+    """Grams that fit in float64 but whose products do not (1e160 squared), through the Gram entry point."""
+    rng = np.random.default_rng(13)
+    xs = [rng.normal(size=(10, 6)) for _ in range(3)]
+    ys = [x[:, :3] + rng.normal(size=(10, 3)) for x in xs]
+    expected = reference.minibatch_cka_matrix([[x] for x in xs], [[y] for y in ys])
+    for scale in (1e160, 1e-160):
+        state = cka.init_state(1, 1, like=xp.asarray(np.zeros(1)))
+        for x, y in zip(xs, ys, strict=True):
+            k = xp.asarray(reference.linear_gram(x - x.mean(0)) * scale)[None]
+            state = engine.update_state_from_grams(state, k, xp.asarray(reference.linear_gram(y - y.mean(0)))[None])
+        np.testing.assert_allclose(xp.to_numpy(cka.finalize(state)), expected, atol=1e-9)
+
+
+def test_sums_in_the_normal_range_stay_plain_sums() -> None:
+    """Scales are 0 unless a layer needs one: the sums are then the textbook sums themselves."""
+    rng = np.random.default_rng(14)
+    x, y = rng.normal(size=(10, 4)) * 1e30, rng.normal(size=(10, 3)) * 1e-30
+    state = cka.update_state(cka.init_state(1, 1, like=np.zeros(1)), [x], [y])
+    assert not state.log2_scale_x.any() and not state.log2_scale_y.any()
+    k, g = reference.linear_gram(x - x.mean(0)), reference.linear_gram(y - y.mean(0))
+    assert float(state.hsic_xy[0, 0]) == pytest.approx(reference.hsic_unbiased(k, g), rel=1e-9)

@@ -152,6 +152,10 @@ class Backend:
         """``max |x|`` over all entries, a 0-d array (0 for an empty array)."""
         return self.xp.max(self.xp.abs(x), initial=0)
 
+    def max_abs_last(self, x: Array) -> Array:
+        """``max |x|`` over the last axis (NaN where a NaN is there)."""
+        return self.xp.max(self.xp.abs(x), axis=-1)
+
     def sum_of_squares(self, x: Array) -> Array:
         """``sum(x**2)`` over the last axis."""
         return self.xp.sum(x * x, axis=-1)
@@ -165,6 +169,11 @@ class Backend:
         xp = self.xp
         n = k.shape[-1]
         return xp.where(xp.eye(n, dtype=bool), xp.zeros((), dtype=k.dtype), k)
+
+    def multiply_in_place(self, x: Array, factor: Array) -> Array:
+        """``x * factor`` (broadcast), written into ``x`` where the array type allows it, as
+        :meth:`zero_diagonal_in_place`."""
+        return x * factor
 
     def zero_diagonal_in_place(self, k: Array) -> Array:
         """``k`` with its diagonals set to zero, in place where the array type allows it (no ``L n^2``

@@ -29,6 +29,12 @@ class NumpyBackend(Backend):
         out[..., idx, idx] = 0
         return out
 
+    def multiply_in_place(self, x: Array, factor: Array) -> Array:
+        if not (isinstance(x, numpy.ndarray) and x.flags.writeable):
+            return x * factor
+        x *= factor
+        return x
+
     def zero_diagonal_in_place(self, k: Array) -> Array:
         if not (isinstance(k, numpy.ndarray) and k.flags.writeable):
             return self.zero_diagonal(k)

@@ -224,6 +224,9 @@ class TorchBackend(Backend):
         low, high = self._torch.aminmax(x)  # one pass, no |x| temporary
         return self._torch.maximum(-low, high)
 
+    def max_abs_last(self, x: Array) -> Array:
+        return x.abs().amax(dim=-1)
+
     def sum_of_squares(self, x: Array) -> Array:
         # no (L, n^2) temporary for x * x: a fused reduction
         return self._torch.linalg.vector_norm(x, dim=-1).square()
@@ -238,10 +241,15 @@ class TorchBackend(Backend):
         out.diagonal(dim1=-2, dim2=-1).zero_()
         return out
 
-    def zero_diagonal_in_place(self, k: Array) -> Array:
-        torch = self._torch
+    def _writable(self, x: Array) -> bool:
         # autograd may need the original values; inference tensors are writable only in inference mode
-        if k.requires_grad or (k.is_inference() and not torch.is_inference_mode_enabled()):
+        return not (x.requires_grad or (x.is_inference() and not self._torch.is_inference_mode_enabled()))
+
+    def multiply_in_place(self, x: Array, factor: Array) -> Array:
+        return x.mul_(factor) if self._writable(x) else x * factor
+
+    def zero_diagonal_in_place(self, k: Array) -> Array:
+        if not self._writable(k):
             return self.zero_diagonal(k)
         k.diagonal(dim1=-2, dim2=-1).zero_()
         return k
