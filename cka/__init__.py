@@ -22,6 +22,7 @@ from cka.core import (
     linear_kernel,
     rbf_kernel,
 )
+from cka.minibatch import minibatch_cka, minibatch_cka_matrix
 from cka.state import (
     CKAState,
     CKAStatistics,
@@ -29,8 +30,6 @@ from cka.state import (
     finalize_statistics,
     init_state,
     merge_states,
-    minibatch_cka,
-    minibatch_cka_matrix,
     update_state,
     update_state_from_grams,
 )
