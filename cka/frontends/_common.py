@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from cka.compare import GramShapeError
+from cka._stacks import GramShapeError
 
 __all__ = [
     "GramShapeError",

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cka import core
-from cka.compare import GramShapeError
+from cka._stacks import GramShapeError
 from cka.frontends._common import (
     call_arguments,
     core_gram_settings,
