@@ -8,7 +8,7 @@ accumulators (JAX without ``jax_enable_x64``, torch on MPS) as exact as one roun
 Layers whose HSIC terms would leave the accumulator's range (float64 features beyond about 1e75 or
 below 1e-75; float32 accumulators much sooner) are summed at a power-of-two scale per layer, kept
 in the two scale fields; two states are brought to common scales before they are added
-(:func:`_aligned`), exactly, since only powers of two are involved. In the normal range every scale
+(:func:`_common_scales`, :func:`_at_scales`), exactly, since only powers of two are involved. In the normal range every scale
 is 0 and the sums are the plain sums.
 """
 
@@ -122,7 +122,7 @@ AnyState = CKAState | CompensatedCKAState
 
 def _fieldwise(fn: Callable[..., Array], *states: CKAState) -> CKAState:
     """``fn`` applied field by field to the additive fields of states of one layout and one scale
-    (:func:`_aligned`); a field that is ``None`` (absent) stays ``None``; the scales are the first state's."""
+    (:func:`_at_scales`); a field that is ``None`` (absent) stays ``None``; the scales are the first state's."""
     return CKAState(
         *(
             fields[0] if name in _SCALES or fields[0] is None else fn(*fields)
@@ -166,18 +166,19 @@ def _rescaled(state: CKAState, scale_x: Array, scale_y: Array) -> CKAState:
 
 
 def _common_scales(*states: CKAState) -> tuple[Array, Array] | None:
-    """Per layer, the largest scale of the states that hold batches (a fresh state, or a skipped
-    batch's zero delta, takes the others'); ``None`` where nothing needs rescaling (no scale fields,
-    or all scales 0 where that is free to check: numpy, torch on the CPU)."""
+    """Per layer, the largest scale among the states whose sums of that layer are not zero (a fresh
+    state, a skipped batch, a constant layer's zero terms take the others' scale); ``None`` where
+    nothing needs rescaling (no scale fields, or all scales 0 where that is free to check: numpy,
+    torch on the CPU)."""
     if all(s.log2_scale_x is None for s in states):
         return None
     b = get_backend(states[0].hsic_xy)
     pairs = [_scales(s) for s in states]
     lowest = -float(2**20)  # below any exponent: loses every max
     common = []
-    for side in (0, 1):
+    for side, name in ((0, "hsic_xx"), (1, "hsic_yy")):
         held = [
-            b.where(s.n_batches > 0, scales[side], b.full_like_scalar(lowest, scales[side]))
+            b.where(getattr(s, name) != 0, scales[side], b.full_like_scalar(lowest, scales[side]))
             for s, scales in zip(states, pairs, strict=True)
         ]
         top = held[0]

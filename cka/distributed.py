@@ -136,8 +136,9 @@ def all_reduce_state(state: Any, group: Any = None) -> Any:
 
 
 def _at_common_scales(state: CKAState, group: Any) -> tuple[CKAState, tuple[Any, Any]]:
-    """``state`` rescaled to the per-layer scales common to all ranks (the largest of the ranks that
-    hold batches: one MAX all-reduce of ``L1 + L2`` numbers), and those scales, in its array type."""
+    """``state`` rescaled to the per-layer scales common to all ranks (the largest of the ranks whose
+    sums of the layer are not zero: one MAX all-reduce of ``L1 + L2`` numbers), and those scales, in
+    its array type."""
     import torch
     import torch.distributed as dist
 
@@ -146,9 +147,9 @@ def _at_common_scales(state: CKAState, group: Any) -> tuple[CKAState, tuple[Any,
     backend = get_backend(state.hsic_xy)
     scale_x, scale_y = _scales(state)
     own = np.concatenate([np.asarray(backend.to_numpy(a), dtype=np.float64) for a in (scale_x, scale_y)])
-    lowest = -float(2**20)  # below any exponent
-    if float(backend.to_numpy(state.n_batches)) == 0:
-        own[:] = lowest
+    has_sums = np.concatenate([np.asarray(backend.to_numpy(a)) != 0 for a in (state.hsic_xx, state.hsic_yy)])
+    lowest = -float(2**20)  # below any exponent: a layer whose sums are zero here takes the others' scale
+    own[~has_sums] = lowest
     held = torch.as_tensor(own, device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
     common = np.where(held.cpu().numpy() > lowest, held.cpu().numpy(), 0.0)

@@ -205,14 +205,16 @@ def _scaled_stack(b: Backend, grams: Array, log2_factor: Any, owned: bool) -> tu
 
     :math:`s = 0` (the true Gram) while the exponent :math:`t` of a layer's largest diagonal entry
     (the largest entry of a positive semi-definite kernel matrix) stays within a quarter of the
-    accumulator's exponent range (HSIC terms go as :math:`K^2 n^4` at worst); beyond, :math:`s = t`.
+    accumulator's exponent range (HSIC terms go as :math:`K^2 n^4` at worst), or the Gram is zero;
+    beyond, :math:`s = t`.
     Powers of two only: exact. Scales in place when the stack is ``owned``.
     """
     dtype = grams.dtype
     exponent_range = float(math.frexp(float(b.finfo(dtype).max))[1])  # 1024 for float64, 128 for float32
     diagonal = b.stop_gradient(b.max_abs_last(b.diagonal(grams)))
     top = b.frexp_exponent(diagonal) + log2_factor  # may exceed the dtype's own exponent range: a number
-    scale = b.where(b.xp.abs(top) > exponent_range // 4, top, b.zeros((), like=top, dtype=dtype))
+    # a zero Gram (a constant layer) keeps scale 0: its terms are zero at any scale
+    scale = b.where((b.xp.abs(top) > exponent_range // 4) & (diagonal > 0), top, b.zeros((), like=top, dtype=dtype))
     shift = b.zeros((), like=top, dtype=dtype) + log2_factor - scale  # G = grams * 2^shift
     if b.branches_cheaply(grams) and not b.to_numpy(shift).any():
         return grams, scale

@@ -400,3 +400,20 @@ def test_sums_in_the_normal_range_stay_plain_sums() -> None:
     assert not state.log2_scale_x.any() and not state.log2_scale_y.any()
     k, g = reference.linear_gram(x - x.mean(0)), reference.linear_gram(y - y.mean(0))
     assert float(state.hsic_xy[0, 0]) == pytest.approx(reference.hsic_unbiased(k, g), rel=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_a_constant_batch_does_not_move_a_layers_scale(xp: Namespace, scale: float) -> None:
+    """A batch in which a layer is constant has zero terms at any scale: it must not raise the layer's
+    scale above its other batches' (which would flush their sums to zero)."""
+    rng = np.random.default_rng(15)
+    xs = [rng.normal(size=(10, 5)) for _ in range(4)]
+    ys = [rng.normal(size=(10, 4)) + x[:, :4] for x in xs]
+    scaled = [x * scale for x in xs]
+    scaled[2] = np.full((10, 5), 3.0)  # constant in batch 2, at an ordinary magnitude: zero Gram, zero terms
+    xs[2] = np.zeros((10, 5))
+    expected = reference.minibatch_cka_matrix([[x] for x in xs], [[y] for y in ys])
+    state = cka.init_state(1, 1, like=xp.asarray(np.zeros(1)))
+    for x, y in zip(scaled, ys, strict=True):
+        state = cka.update_state(state, [xp.asarray(x)], [xp.asarray(y)])
+    np.testing.assert_allclose(xp.to_numpy(cka.finalize(state)), expected, atol=1e-9)
