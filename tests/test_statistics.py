@@ -573,3 +573,23 @@ def test_cuda_update_has_no_host_sync_and_matches_cpu():
     out, expected = st.finalize_statistics(state), st.finalize_statistics(reference)
     for name, a, b in zip(out._fields, out, expected, strict=True):
         np.testing.assert_allclose(a.cpu().numpy(), b, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_statistics_of_layers_far_outside_float64_are_those_of_the_unscaled_layers(framework):
+    """Bootstrap and permutation sums are kept at the same per-layer powers of two as the sums
+    (cka._sums): every field for layers scaled by 1e200 and 1e-200 (HSIC terms far outside float64)
+    equals that of the unscaled layers; the draws depend on the seed and batch index only."""
+    rng = np.random.default_rng(10)
+    xs = [[rng.normal(size=(12, 5)), rng.normal(size=(12, 3))] for _ in range(10)]
+    ys = [[x[0][:, :2] + rng.normal(size=(12, 2))] for x in xs]
+    as_array = np.asarray if framework == "numpy" else __import__("torch").as_tensor
+    settings = {"bootstrap": 50, "permutations": 50, "seed": 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st.CoarseStatisticsWarning)
+        expected = minibatch_cka_matrix(xs, ys, **settings)
+        scaled = [[as_array(x[0] * 1e200), as_array(x[1] * 1e-200)] for x in xs]
+        got = minibatch_cka_matrix(scaled, [[as_array(y[0])] for y in ys], **settings)
+    for name, a, b in zip(expected._fields, expected, got, strict=True):
+        if a is not None:
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-9, err_msg=name)
