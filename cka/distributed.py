@@ -91,7 +91,9 @@ def shard_batches(batches: Iterable[T], rank: int | None = None, world_size: int
 
 
 def all_reduce_state(state: Any, group: Any = None) -> Any:
-    """The sum of ``state`` over all ranks, on every rank: one all-reduce of one flat float64 buffer.
+    """The sum of ``state`` over all ranks, on every rank: one all-reduce of one flat float64 buffer,
+    after one MAX all-reduce of the ``L1 + L2`` per-layer scales (:class:`cka.state.CKAState`'s
+    ``log2_scale`` fields) that brings every rank's sums to common powers of two first.
 
     Works with NCCL (the buffer on this rank's CUDA device) and gloo (on the CPU), for states of any
     backend: the result has the input's array type, device and kind (a compensated state is folded
