@@ -14,7 +14,6 @@ is 0 and the sums are the plain sums.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -140,13 +139,28 @@ def _scales(state: CKAState) -> tuple[Array, Array]:
     return b.zeros((rows,), like=state.hsic_xy), b.zeros((cols,), like=state.hsic_xy)
 
 
+#: The scale of a layer whose sums are zero: below any exponent, so it loses every max.
+NO_SCALE = -float(2**20)
+
+
+def held_scales(state: CKAState) -> tuple[Array, Array]:
+    """``(s_x, s_y)`` where the layer's sums are not zero, :data:`NO_SCALE` where they are (a fresh
+    state, a skipped batch, a constant layer's zero terms: their scale says nothing). Combining
+    states (here and over ranks, :func:`cka.distributed.all_reduce_state`) keeps the per-layer max."""
+    b = get_backend(state.hsic_xy)
+    return tuple(
+        b.where(sums != 0, scale, b.full_like_scalar(NO_SCALE, scale))
+        for sums, scale in zip((state.hsic_xx, state.hsic_yy), _scales(state), strict=True)
+    )
+
+
 def _rescaled(state: CKAState, scale_x: Array, scale_y: Array) -> CKAState:
     """``state`` kept at the scales ``scale_x (L1,), scale_y (L2,)``: its sums multiplied by the powers of
     two :math:`2^{s - \text{scale}}` (exact, down to negligible underflow; only a state without batches,
     whose sums are zero, is ever raised)."""
     b = get_backend(state.hsic_xy)
     dtype = state.hsic_xy.dtype
-    limit = float(math.frexp(float(b.finfo(dtype).max))[1] - 2)  # 2^+-limit are normal numbers
+    limit = b.max_exponent(dtype) - 2  # 2^+-limit are normal numbers
     own_x, own_y = _scales(state)
     fx, fy = (
         b.pow2(b.clip(own - target, -limit, limit), dtype) for own, target in ((own_x, scale_x), (own_y, scale_y))
@@ -173,20 +187,16 @@ def _common_scales(*states: CKAState) -> tuple[Array, Array] | None:
     if all(s.log2_scale_x is None for s in states):
         return None
     b = get_backend(states[0].hsic_xy)
-    pairs = [_scales(s) for s in states]
-    lowest = -float(2**20)  # below any exponent: loses every max
+    held = [held_scales(s) for s in states]
     common = []
-    for side, name in ((0, "hsic_xx"), (1, "hsic_yy")):
-        held = [
-            b.where(getattr(s, name) != 0, scales[side], b.full_like_scalar(lowest, scales[side]))
-            for s, scales in zip(states, pairs, strict=True)
-        ]
-        top = held[0]
+    for side in (0, 1):
+        top = held[0][side]
         for other in held[1:]:
-            top = b.xp.maximum(top, other)
-        common.append(b.where(top > lowest, top, b.zeros((), like=top, dtype=top.dtype)))
+            top = b.xp.maximum(top, other[side])
+        common.append(b.where(top > NO_SCALE, top, b.zeros((), like=top, dtype=top.dtype)))
     if b.branches_cheaply(states[0].hsic_xy):
-        if not any(b.to_numpy(a).any() for a in (*common, *(a for p in pairs for a in p))):
+        own = (a for s in states for a in _scales(s))
+        if not any(b.to_numpy(a).any() for a in (*common, *own)):
             return None
     return common[0], common[1]
 

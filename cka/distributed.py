@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cka._sums import _SCALES, _rescaled, _scales
+from cka._sums import _SCALES, NO_SCALE, _rescaled, _scales, held_scales
 from cka.state import CKAState
 from cka.statistics import replicate_counts
 
@@ -147,14 +147,12 @@ def _at_common_scales(state: CKAState, group: Any) -> tuple[CKAState, tuple[Any,
     from cka.backends import get_backend
 
     backend = get_backend(state.hsic_xy)
-    scale_x, scale_y = _scales(state)
-    own = np.concatenate([np.asarray(backend.to_numpy(a), dtype=np.float64) for a in (scale_x, scale_y)])
-    has_sums = np.concatenate([np.asarray(backend.to_numpy(a)) != 0 for a in (state.hsic_xx, state.hsic_yy)])
-    lowest = -float(2**20)  # below any exponent: a layer whose sums are zero here takes the others' scale
-    own[~has_sums] = lowest
+    scale_x, _ = _scales(state)
+    own = np.concatenate([np.asarray(backend.to_numpy(a), dtype=np.float64) for a in held_scales(state)])
     held = torch.as_tensor(own, device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
     dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
-    common = np.where(held.cpu().numpy() > lowest, held.cpu().numpy(), 0.0)
+    top = held.cpu().numpy()
+    common = np.where(top > NO_SCALE, top, 0.0)
     rows = int(backend.shape(scale_x)[0])
     if backend.name == "torch":
         parts = [torch.as_tensor(p, dtype=scale_x.dtype, device=scale_x.device) for p in (common[:rows], common[rows:])]

@@ -94,7 +94,7 @@ def _exponent_of_max(b: Backend, x: Array, valid: Array | None = None) -> Array:
     if valid is not None:
         x = b.where(valid, x, b.zeros((), like=x, dtype=x.dtype))
     exponent = b.frexp_exponent(b.stop_gradient(b.max_abs(x)))
-    limit = float(math.frexp(float(b.finfo(x.dtype).max))[1] - 2)  # 126 for float32, 1022 for float64
+    limit = b.max_exponent(x.dtype) - 2  # 126 for float32, 1022 for float64
     return b.clip(exponent, -limit, limit)
 
 

@@ -18,7 +18,6 @@ Masks (padded rows of a ragged batch) and skipping a batch with too few valid ro
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -210,7 +209,7 @@ def _scaled_stack(b: Backend, grams: Array, log2_factor: Any, owned: bool) -> tu
     Powers of two only: exact. Scales in place when the stack is ``owned``.
     """
     dtype = grams.dtype
-    exponent_range = float(math.frexp(float(b.finfo(dtype).max))[1])  # 1024 for float64, 128 for float32
+    exponent_range = b.max_exponent(dtype)  # 1024 for float64, 128 for float32
     diagonal = b.stop_gradient(b.max_abs_last(b.diagonal(grams)))
     top = b.frexp_exponent(diagonal) + log2_factor  # may exceed the dtype's own exponent range: a number
     # a zero Gram (a constant layer) keeps scale 0: its terms are zero at any scale

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -220,6 +221,11 @@ class Backend:
     def finfo(self, dtype: Any) -> Any:
         """``finfo`` of a floating dtype (``.max``, ``.tiny``, ``.eps``)."""
         return self.xp.finfo(dtype)
+
+    def max_exponent(self, dtype: Any) -> float:
+        """The ``e`` with ``finfo(dtype).max`` just below ``2^e``: 1024 for float64, 128 for float32
+        (``2^(e - 2)`` and ``2^-(e - 2)`` are normal numbers)."""
+        return float(math.frexp(float(self.finfo(dtype).max))[1])
 
     def zeros(self, shape: tuple[int, ...], like: Array, dtype: Any = None) -> Array:
         return self.xp.zeros(shape, dtype=dtype if dtype is not None else self.accumulator_dtype(like))
